@@ -1,0 +1,177 @@
+"""COCO 2017 semantic segmentation (background + 80 things) from instance annotations, masks cached as PNG.
+
+Painting rule for a semantic mask: start from background 0, paint crowd regions 255 (ignore), then
+paint the non-crowd instances from the largest pixel area to the smallest (ties: lower annotation
+id first), each over what is there. Small objects lying on big ones so stay visible, and a labelled
+instance wins over a crowd region that covers it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from dsdiff.data.classes import COCO_CATEGORIES, COCO_CLASSES, COCO_ID_TO_TRAIN_ID, IGNORE_INDEX
+from dsdiff.data.voc import check_labels, read_label_png, read_rgb
+
+SPLITS = ("train", "val")
+ROOT_HINT = "pass paths.coco=<folder containing train2017/, val2017/ and annotations/>"
+
+
+def annotation_rle(segmentation: list | dict, height: int, width: int) -> dict:
+    """One annotation's segmentation (polygons, uncompressed or compressed RLE) as compressed RLE."""
+    if isinstance(segmentation, list):
+        # pycocotools reads a 4-number list as a box, and fewer than 3 points is no area at all.
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return mask_utils.encode(np.zeros((height, width), dtype=np.uint8, order="F"))
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def semantic_mask(annotations: list[dict], height: int, width: int) -> np.ndarray:
+    """Instance annotations of one image -> uint8 (H, W) train ids, by the module's painting rule."""
+    out = np.zeros((height, width), dtype=np.uint8)
+    instances = []
+    for ann in annotations:
+        rle = annotation_rle(ann["segmentation"], height, width)
+        if ann.get("iscrowd", 0):
+            out[mask_utils.decode(rle).astype(bool)] = IGNORE_INDEX
+        else:
+            instances.append((-int(mask_utils.area(rle)), ann["id"], rle, ann["category_id"]))
+    for _, _, rle, category_id in sorted(instances, key=lambda t: t[:2]):
+        out[mask_utils.decode(rle).astype(bool)] = COCO_ID_TO_TRAIN_ID[category_id]
+    return out
+
+
+def check_categories(categories: list[dict], path: Path) -> None:
+    """Raise unless the JSON's categories are exactly COCO 2017's 80 things (ids and names)."""
+    found = {c["id"]: c["name"] for c in categories}
+    expected = dict(COCO_CATEGORIES)
+    if found != expected:
+        diff = sorted(set(found.items()) ^ set(expected.items()))[:6]
+        raise ValueError(f"categories in {path} differ from COCO 2017's 80 thing classes "
+                         f"(dsdiff.data.classes.COCO_CLASSES); first differences (id, name): {diff}; "
+                         "expected an unmodified instances_<split>2017.json")
+
+
+def load_annotations(root: Path, split: str) -> tuple[list[dict], dict[int, list[dict]]]:
+    """Images (sorted by id) and their annotations from ``annotations/instances_<split>2017.json``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown COCO split {split!r}; expected one of {SPLITS}")
+    path = root / "annotations" / f"instances_{split}2017.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no COCO annotations at {path}: expected root/annotations/"
+                                f"instances_{split}2017.json; {ROOT_HINT}")
+    with open(path) as f:
+        data = json.load(f)
+    check_categories(data["categories"], path)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    by_image: dict[int, list[dict]] = {im["id"]: [] for im in images}
+    for ann in data["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    return images, by_image
+
+
+def default_cache_dir(root: Path, split: str) -> Path:
+    return root / "dsdiff_masks" / f"{split}2017"
+
+
+def missing_masks(images: list[dict], cache_dir: Path) -> list[dict]:
+    """The images whose mask PNG is not yet in ``cache_dir``."""
+    present = set(os.listdir(cache_dir)) if cache_dir.is_dir() else set()
+    return [im for im in images if f"{Path(im['file_name']).stem}.png" not in present]
+
+
+def write_masks(images: list[dict], by_image: dict[int, list[dict]], cache_dir: Path, split: str) -> None:
+    """Write each image's semantic mask to ``cache_dir/<stem>.png`` atomically (temp file + rename)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache_dir, os.W_OK):
+            raise PermissionError(f"{cache_dir} is not writable")
+    except OSError as e:
+        raise PermissionError(f"cannot write COCO masks to {cache_dir} ({e}): "
+                              "pass cache_dir=<a writable folder>") from e
+    for im in tqdm(images, desc=f"COCO {split}2017 masks", unit="mask", dynamic_ncols=True):
+        final = cache_dir / f"{Path(im['file_name']).stem}.png"
+        # A pid-specific temp name, so concurrent writers (one per DDP rank) never share one.
+        tmp = cache_dir / f".{final.stem}.{os.getpid()}.tmp"
+        try:
+            Image.fromarray(semantic_mask(by_image[im["id"]], im["height"], im["width"])).save(tmp, format="PNG")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class COCOSegmentation(Dataset):
+    """COCO 2017 semantic segmentation with 81 classes: ``{"image", "mask", "name"}`` per image.
+
+    ``name`` is the file stem ("000000000139"). Masks come from the PNG cache that
+    ``prepare_data`` writes (default ``root/dsdiff_masks/<split>2017``); crowd regions are 255.
+    """
+
+    classes = COCO_CLASSES
+    num_classes = len(COCO_CLASSES)
+
+    def __init__(self, root: str | Path, split: str = "val",
+                 transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
+                 cache_dir: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.transform = transform
+        self.image_dir = self.root / f"{split}2017"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root, split)
+        images, by_image = load_annotations(self.root, split)
+        todo = missing_masks(images, self.cache_dir)
+        if todo:  # what prepare_data does, without reading the JSON a second time
+            write_masks(todo, by_image, self.cache_dir, split)
+        self.files = [im["file_name"] for im in images]
+        self._labels = {
+            Path(im["file_name"]).stem: sorted({COCO_ID_TO_TRAIN_ID[a["category_id"]]
+                                                for a in by_image[im["id"]] if not a.get("iscrowd", 0)})
+            for im in images
+        }
+
+    @classmethod
+    def prepare_data(cls, root: str | Path, split: str = "val", cache_dir: str | Path | None = None) -> Path:
+        """Write the missing semantic-mask PNGs of a split (idempotent, atomic); return the cache dir."""
+        root = Path(root).expanduser()
+        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, split)
+        images, by_image = load_annotations(root, split)
+        todo = missing_masks(images, cache_dir)
+        if todo:
+            write_masks(todo, by_image, cache_dir, split)
+        return cache_dir
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        file_name = self.files[index]
+        name = Path(file_name).stem
+        image = read_rgb(self.image_dir / file_name)
+        mask_path = self.cache_dir / f"{name}.png"
+        mask = read_label_png(mask_path)
+        check_labels(mask, self.num_classes, mask_path)
+        if mask.shape != tuple(image.shape[1:]):
+            raise ValueError(f"mask {mask_path} is {mask.shape} but image {self.image_dir / file_name} "
+                             f"is {tuple(image.shape[1:])}; delete {self.cache_dir} to rebuild the masks")
+        mask = torch.from_numpy(mask)
+        if self.transform is None:
+            return {"image": image, "mask": mask.long(), "name": name}
+        image, mask = self.transform(image, mask)
+        return {"image": image, "mask": mask, "name": name}
+
+    def image_labels(self) -> dict[str, list[int]]:
+        """Image name -> sorted train ids of its non-crowd annotations (background left out)."""
+        return dict(self._labels)

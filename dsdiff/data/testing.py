@@ -1,0 +1,189 @@
+"""Writers of tiny VOC- and COCO-format folders for tests and smoke runs; each returns what it drew.
+
+Every class is painted in its own colour plus noise, so a model can learn the folders.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from dsdiff.data.classes import COCO_CATEGORIES, COCO_ID_TO_TRAIN_ID, IGNORE_INDEX, flat_palette
+
+# VOC classes the fixture draws, each with its colour: aeroplane, cat, dog, person.
+VOC_FIXTURE_COLORS = {1: (210, 50, 40), 8: (40, 170, 60), 12: (50, 70, 210), 15: (230, 200, 40)}
+VOC_BORDER = 2  # width of the 255 "void" band VOC draws around each object
+
+
+def _box(size: int, top: int, left: int, height: int, width: int, pad: int = 0) -> np.ndarray:
+    region = np.zeros((size, size), dtype=bool)
+    region[max(top - pad, 0):top + height + pad, max(left - pad, 0):left + width + pad] = True
+    return region
+
+
+def _ellipse(size: int, top: int, left: int, height: int, width: int, pad: int = 0) -> np.ndarray:
+    y, x = np.mgrid[:size, :size] + 0.5
+    ry, rx = height / 2 + pad, width / 2 + pad
+    return ((y - top - height / 2) / ry) ** 2 + ((x - left - width / 2) / rx) ** 2 <= 1
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.integers(90, 140) + rng.normal(0, 8, (size, size, 3))
+
+
+def _paint(image: np.ndarray, region: np.ndarray, color: tuple[int, int, int], rng: np.random.Generator) -> None:
+    image[region] = np.array(color) + rng.normal(0, 8, (int(region.sum()), 3))
+
+
+def _save_jpeg(image: np.ndarray, path: Path) -> np.ndarray:
+    pixels = image.clip(0, 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=95, subsampling=0)  # 4:4:4 keeps small objects' colours
+    return pixels
+
+
+def write_voc_folder(root: str | Path, n_train: int = 6, n_val: int = 4, size: int = 64, seed: int = 0) -> dict:
+    """Write a VOC 2012-layout folder of rectangles/ellipses with 255 borders.
+
+    Returns ``{"root", "splits": {split: [ids]}, "masks": {id: uint8 (H, W)},
+    "images": {id: uint8 (H, W, 3) before JPEG}, "labels": {id: sorted class ids}}``.
+    """
+    root = Path(root)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    classes = sorted(VOC_FIXTURE_COLORS)
+    out = {"root": root, "splits": {}, "masks": {}, "images": {}, "labels": {}}
+    counter = 0
+    for split, count in (("train", n_train), ("val", n_val)):
+        ids = []
+        for _ in range(count):
+            name = f"2007_{counter:06d}"
+            counter += 1
+            image, mask = _background(rng, size), np.zeros((size, size), dtype=np.uint8)
+            for label in rng.choice(classes, size=int(rng.integers(1, 3)), replace=False):
+                h, w = (int(v) for v in rng.integers(size // 4, size // 2, 2))
+                top, left = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
+                shape = _box if rng.random() < 0.5 else _ellipse
+                region = shape(size, top, left, h, w)
+                # Like VOC: a void band around the object, over whatever was there before.
+                mask[shape(size, top, left, h, w, pad=VOC_BORDER) & ~region] = IGNORE_INDEX
+                mask[region] = label
+                _paint(image, region, VOC_FIXTURE_COLORS[int(label)], rng)
+            out["images"][name] = _save_jpeg(image, root / "JPEGImages" / f"{name}.jpg")
+            png = Image.fromarray(mask)
+            png.putpalette(flat_palette())  # an L image with a palette becomes P, as VOC stores it
+            png.save(root / "SegmentationClass" / f"{name}.png")
+            out["masks"][name] = mask
+            out["labels"][name] = sorted(int(c) for c in np.unique(mask) if c not in (0, IGNORE_INDEX))
+            ids.append(name)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        out["splits"][split] = ids
+    return out
+
+
+def uncompressed_rle(region: np.ndarray) -> dict:
+    """A boolean (H, W) region as COCO's uncompressed RLE (column-major run lengths, zeros first)."""
+    flat = region.ravel(order="F").astype(np.uint8)
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return {"size": list(region.shape), "counts": ([0] + counts) if flat[0] else counts}
+
+
+def _coco_instances(template: int, size: int, rng: np.random.Generator) -> list[dict]:
+    """Instances for one image: category id, region, segmentation and crowd flag.
+
+    Templates cover what a COCO reader must get right: 0 a small RLE object listed before the
+    large polygon it lies on; 1 a crowd region (uncompressed RLE) partly under a dog, and a
+    compressed-RLE car; 2 a two-polygon bicycle and a cat; 3 no annotations at all.
+    """
+    jitter = [int(v) for v in rng.integers(0, 4, size=2)]  # keeps images of one template distinct
+    if template == 0:
+        t, l = 8 + jitter[0], 8 + jitter[1]
+        cup = _ellipse(size, t + 10, l + 10, 12, 14)
+        table = (t, l, 40, 44)
+        return [
+            {"category_id": 47, "region": cup, "segmentation": "rle"},
+            {"category_id": 67, "region": _box(size, *table), "segmentation": [table]},
+        ]
+    if template == 1:
+        t, l = 4 + jitter[0], 4 + jitter[1]
+        crowd = _box(size, t, l, 30, 50)
+        dog = (t + 20, l + 6, 24, 20)
+        return [
+            {"category_id": 1, "region": crowd, "segmentation": "uncompressed", "iscrowd": 1},
+            {"category_id": 18, "region": _box(size, *dog), "segmentation": [dog]},
+            {"category_id": 3, "region": _ellipse(size, 44, 36 + jitter[0], 16, 24), "segmentation": "rle"},
+        ]
+    if template == 2:
+        a, b = (6 + jitter[0], 4, 14, 20), (6 + jitter[1], 30, 14, 20)
+        return [
+            {"category_id": 2, "region": _box(size, *a) | _box(size, *b), "segmentation": [a, b]},
+            {"category_id": 17, "region": _ellipse(size, 34, 10 + jitter[0], 24, 30), "segmentation": "rle"},
+        ]
+    return []
+
+
+def _segmentation(spec: list | str, region: np.ndarray) -> list | dict:
+    if spec == "rle":
+        rle = mask_utils.encode(np.asfortranarray(region.astype(np.uint8)))
+        return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    if spec == "uncompressed":
+        return uncompressed_rle(region)
+    # Polygon corners on pixel edges: pycocotools fills rows top..top+h-1, columns left..left+w-1.
+    return [[l, t, l + w, t, l + w, t + h, l, t + h] for t, l, h, w in spec]
+
+
+def write_coco_folder(root: str | Path, n_train: int = 4, n_val: int = 3, size: int = 64, seed: int = 0) -> dict:
+    """Write a COCO 2017-layout folder (images + instances JSON with the real 80 categories).
+
+    Returns ``{"root", "masks": {split: {name: uint8 (H, W) expected semantic mask}},
+    "labels": {split: {name: sorted train ids of non-crowd instances}}}``, the masks built by the
+    rule of ``dsdiff.data.coco``: crowd 255 first, then instances from largest to smallest.
+    """
+    root = Path(root)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    colors = {cid: tuple(int(v) for v in np.random.default_rng(cid).integers(30, 230, 3))
+              for cid, _ in COCO_CATEGORIES}
+    out = {"root": root, "masks": {}, "labels": {}}
+    image_id = ann_id = 0
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / f"{split}2017").mkdir(exist_ok=True)
+        images, annotations = [], []
+        out["masks"][split], out["labels"][split] = {}, {}
+        for k in range(count):
+            image_id += 1
+            name = f"{image_id:012d}"
+            instances = _coco_instances(k % 4, size, rng)
+            for inst in instances:
+                ann_id += 1
+                inst["id"] = ann_id
+            # Expected mask and image, by the documented painting rule (sort is stable: ties by id).
+            image, mask = _background(rng, size), np.zeros((size, size), dtype=np.uint8)
+            crowd = [i for i in instances if i.get("iscrowd")]
+            things = sorted((i for i in instances if not i.get("iscrowd")), key=lambda i: -int(i["region"].sum()))
+            for inst in crowd + things:
+                mask[inst["region"]] = IGNORE_INDEX if inst.get("iscrowd") else COCO_ID_TO_TRAIN_ID[inst["category_id"]]
+                _paint(image, inst["region"], colors[inst["category_id"]], rng)
+            _save_jpeg(image, root / f"{split}2017" / f"{name}.jpg")
+            images.append({"id": image_id, "file_name": f"{name}.jpg", "height": size, "width": size})
+            for inst in instances:
+                ys, xs = np.nonzero(inst["region"])
+                annotations.append({
+                    "id": inst["id"], "image_id": image_id, "category_id": inst["category_id"],
+                    "segmentation": _segmentation(inst["segmentation"], inst["region"]),
+                    "area": float(inst["region"].sum()), "iscrowd": int(inst.get("iscrowd", 0)),
+                    "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
+                })
+            out["masks"][split][name] = mask
+            out["labels"][split][name] = sorted({COCO_ID_TO_TRAIN_ID[i["category_id"]] for i in things})
+        data = {
+            "info": {"description": "dsdiff test fixture"}, "licenses": [], "images": images,
+            "annotations": annotations,
+            "categories": [{"id": cid, "name": n, "supercategory": ""} for cid, n in COCO_CATEGORIES],
+        }
+        (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+    return out

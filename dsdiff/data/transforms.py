@@ -1,0 +1,140 @@
+"""Segmentation transforms on (image, mask) tensor pairs: mmseg's training augmentation and plain eval.
+
+Images come in as uint8 (3, H, W), masks as integer (H, W) with 255 = ignore. Randomness uses
+torch's global RNG (no private ``torch.Generator``), so ``lightning.seed_everything`` plus
+Lightning's per-worker seeding make a run reproducible.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from dsdiff.data.classes import IGNORE_INDEX
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# mmseg PhotoMetricDistortion defaults, expressed on [0, 1] images.
+BRIGHTNESS_DELTA = 32 / 255
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18 / 180  # mmseg shifts OpenCV hue (0..180) by up to 18, i.e. 0.1 of the hue circle
+
+
+def _check_pair(image: Tensor, mask: Tensor) -> Tensor:
+    """Validate an (image, mask) pair and return the mask as uint8 (H, W)."""
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a uint8 image of shape (3, H, W); found {image.dtype} "
+                         f"{tuple(image.shape)}: decode images as uint8 RGB before transforming")
+    if mask.ndim != 2 or mask.shape != image.shape[1:]:
+        raise ValueError(f"expected a mask of shape {tuple(image.shape[1:])} (the image's H, W); "
+                         f"found {tuple(mask.shape)}")
+    if mask.dtype != torch.uint8:
+        if mask.is_floating_point() or mask.numel() and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError(f"expected an integer mask with labels in 0..255; found {mask.dtype} "
+                             f"with range {mask.min().item()}..{mask.max().item()}")
+        mask = mask.to(torch.uint8)
+    return mask
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _coin() -> bool:
+    return torch.rand(()).item() < 0.5
+
+
+def photometric_distortion(image: Tensor) -> Tensor:
+    """mmseg's PhotoMetricDistortion on a float image in [0, 1], shape (3, H, W).
+
+    Brightness (additive), contrast (multiplicative), saturation and hue, each with probability
+    0.5; contrast goes before or after the colour steps with equal chance, as in mmseg.
+    Saturation blends with the grayscale image (torchvision) where mmseg scales HSV's S channel.
+    """
+    if _coin():
+        image = (image + _uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA)).clamp_(0, 1)
+    contrast_first = _coin()
+    if contrast_first and _coin():
+        image = (image * _uniform(*CONTRAST_RANGE)).clamp_(0, 1)
+    if _coin():
+        image = F.adjust_saturation(image, _uniform(*SATURATION_RANGE))
+    if _coin():
+        image = F.adjust_hue(image, _uniform(-HUE_DELTA, HUE_DELTA))
+    if not contrast_first and _coin():
+        image = (image * _uniform(*CONTRAST_RANGE)).clamp_(0, 1)
+    return image
+
+
+class TrainTransform:
+    """Random resize, random crop, flip, photometric distortion, normalise, pad (mmseg order).
+
+    Returns a float32 (3, ch, cw) normalised image and an int64 (ch, cw) mask. Images smaller
+    than the crop are padded at the bottom/right after normalisation, as mmseg does: the image
+    with 0 (the mean colour), the mask with ``ignore_index`` so padding gives no gradient.
+    The resize ratio is relative to the image's own size.
+    """
+
+    def __init__(
+        self,
+        crop_size: int | tuple[int, int],
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        photometric: bool = True,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+            raise ValueError(f"expected crop_size as an int or (height, width) >= 1; found {crop_size}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"expected scale_range (low, high) with 0 < low <= high; found {scale_range}")
+        self.scale_range = tuple(scale_range)
+        self.hflip = hflip
+        self.photometric = photometric
+        self.mean = list(mean)
+        self.std = list(std)
+        self.ignore_index = ignore_index
+
+    def __call__(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        mask = _check_pair(image, mask)
+        height, width = image.shape[1:]
+        ratio = _uniform(*self.scale_range)
+        size = [max(1, round(height * ratio)), max(1, round(width * ratio))]
+        image = F.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
+        mask = F.resize(mask[None], size, InterpolationMode.NEAREST)[0]
+
+        crop_h, crop_w = self.crop_size
+        top = torch.randint(0, max(size[0] - crop_h, 0) + 1, ()).item()
+        left = torch.randint(0, max(size[1] - crop_w, 0) + 1, ()).item()
+        h, w = min(crop_h, size[0]), min(crop_w, size[1])
+        image, mask = image[:, top:top + h, left:left + w], mask[top:top + h, left:left + w]
+
+        if self.hflip and _coin():
+            image, mask = image.flip(-1), mask.flip(-1)
+        image = image.float().div_(255)
+        if self.photometric:
+            image = photometric_distortion(image)
+        image = F.normalize(image, self.mean, self.std)
+
+        pad_h, pad_w = crop_h - h, crop_w - w
+        mask = mask.long()
+        if pad_h or pad_w:
+            image = torch.nn.functional.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            mask = torch.nn.functional.pad(mask, (0, pad_w, 0, pad_h), value=self.ignore_index)
+        return image.contiguous(), mask.contiguous()
+
+
+class EvalTransform:
+    """Full-size image, normalised only: float32 (3, H, W) image and int64 (H, W) mask."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def __call__(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        mask = _check_pair(image, mask)
+        return F.normalize(image.float().div_(255), self.mean, self.std), mask.long()

@@ -1,0 +1,134 @@
+"""PASCAL VOC 2012 semantic segmentation (21 classes, 255 = void border), read from the standard layout."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from dsdiff.data.classes import IGNORE_INDEX, VOC_CLASSES
+
+ROOT_HINT = "pass paths.voc=<folder containing JPEGImages/ and SegmentationClass/>"
+# SBD-augmented training set: mmseg names its list aug.txt, most other tools train_aug.txt.
+AUG_LISTS = ("train_aug.txt", "aug.txt")
+
+
+def resolve_voc_root(root: str | Path) -> Path:
+    """The VOC2012 folder itself, given either it or a folder containing ``VOCdevkit/VOC2012``."""
+    root = Path(root).expanduser()
+    for candidate in (root, root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"no PASCAL VOC 2012 folder at {root}: expected {root}/JPEGImages or "
+        f"{root}/VOCdevkit/VOC2012/JPEGImages; {ROOT_HINT}"
+    )
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """A label PNG as uint8 (H, W) class indices: palette indices for P-mode, values for L-mode."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing mask {path}: every listed id needs a mask PNG there")
+    with Image.open(path) as im:
+        if im.mode not in ("P", "L"):
+            raise ValueError(f"mask {path} is a {im.mode} image; expected a palette (P) or grayscale (L) "
+                             "PNG of class indices: convert colour masks to indices first")
+        return np.array(im)
+
+
+def check_labels(mask: np.ndarray, num_classes: int, path: Path) -> None:
+    """Raise if a mask holds labels other than 0..num_classes-1 and 255."""
+    bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(mask[bad]).tolist()
+        raise ValueError(f"mask {path} holds labels {values}; expected 0..{num_classes - 1} or "
+                         f"{IGNORE_INDEX} (ignore): is it a mask for a different class list?")
+
+
+def read_rgb(path: Path) -> torch.Tensor:
+    """An image file as a uint8 (3, H, W) RGB tensor."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing image {path}: every listed id needs an image there")
+    return decode_image(str(path), mode=ImageReadMode.RGB)
+
+
+class VOCSegmentation(Dataset):
+    """PASCAL VOC 2012 segmentation: ``{"image", "mask", "name"}`` per listed image id.
+
+    Without a transform, ``image`` is uint8 (3, H, W) and ``mask`` int64 (H, W) as stored;
+    with one, whatever ``transform(image, mask)`` returns. Split ``train_aug`` reads
+    ``SegmentationClassAug/`` and ``ImageSets/Segmentation/train_aug.txt`` (or mmseg's ``aug.txt``).
+    """
+
+    classes = VOC_CLASSES
+    num_classes = len(VOC_CLASSES)
+
+    def __init__(self, root: str | Path, split: str = "train",
+                 transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None) -> None:
+        self.root = resolve_voc_root(root)
+        self.split = split
+        self.transform = transform
+        lists = self.root / "ImageSets" / "Segmentation"
+        if split == "train_aug":
+            self.mask_dir = self.root / "SegmentationClassAug"
+            found = [lists / name for name in AUG_LISTS if (lists / name).is_file()]
+            if not self.mask_dir.is_dir() or not found:
+                raise FileNotFoundError(
+                    f"split 'train_aug' needs {self.mask_dir}/ and {lists}/train_aug.txt; "
+                    "add the SBD-augmented masks and id list there, or use split='train'")
+            split_file = found[0]
+        else:
+            self.mask_dir = self.root / "SegmentationClass"
+            split_file = lists / f"{split}.txt"
+            if not split_file.is_file():
+                known = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
+                raise FileNotFoundError(f"no split file {split_file} for split {split!r}; "
+                                        f"splits found there: {known}; pass one of those")
+        # Lines are ids ("2007_000032") or, in some train_aug lists, "/JPEGImages/<id>.jpg /Seg...png".
+        lines = split_file.read_text().split("\n")
+        self.ids = [Path(line.split()[0]).stem for line in lines if line.strip()]
+        if not self.ids:
+            raise ValueError(f"split file {split_file} lists no image ids; expected one id per line")
+        self._labels: dict[str, list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, name: str) -> Path:
+        return self.root / "JPEGImages" / f"{name}.jpg"
+
+    def mask_path(self, name: str) -> Path:
+        return self.mask_dir / f"{name}.png"
+
+    def read_mask(self, name: str) -> np.ndarray:
+        """The stored label map of one image id, validated against the class list."""
+        path = self.mask_path(name)
+        mask = read_label_png(path)
+        check_labels(mask, self.num_classes, path)
+        return mask
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.ids[index]
+        image = read_rgb(self.image_path(name))
+        mask = torch.from_numpy(self.read_mask(name))
+        if mask.shape != image.shape[1:]:
+            raise ValueError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
+                             f"{self.image_path(name)} is {tuple(image.shape[1:])}; expected equal sizes")
+        if self.transform is None:
+            return {"image": image, "mask": mask.long(), "name": name}
+        image, mask = self.transform(image, mask)
+        return {"image": image, "mask": mask, "name": name}
+
+    def image_labels(self) -> dict[str, list[int]]:
+        """Image id -> sorted class indices present in its mask (background 0 and 255 left out)."""
+        if self._labels is None:
+            labels = {}
+            for name in self.ids:
+                counts = np.bincount(self.read_mask(name).ravel(), minlength=256)
+                labels[name] = [c for c in range(1, self.num_classes) if counts[c]]
+            self._labels = labels
+        return dict(self._labels)
