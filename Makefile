@@ -1,0 +1,34 @@
+# dsdiff developer commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-full bench clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install dsdiff with its dev extras (about 2 min, 6 GB: CUDA torch)
+
+demo: $(STAMP)  ## install if needed, then run the main job on the built-in shapes world (CPU, offline)
+	$(BIN)/python -m dsdiff.train +experiment=shapes_real
+
+test: $(STAMP)  ## the fast test suite
+	$(BIN)/python -m pytest -q
+
+test-full: $(STAMP)  ## every test, slow ones included
+	$(BIN)/python -m pytest -q -m ""
+
+bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/results/)
+	$(BIN)/python experiments/bench_generation.py
+
+clean:  ## remove run outputs (logs/, outputs/, multirun/)
+	rm -rf logs outputs multirun

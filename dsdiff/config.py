@@ -1,0 +1,28 @@
+"""Where the Hydra configs live, and the resolvers they use. Import before composing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dsdiff.data.classes import get_class_list
+
+
+def config_dir() -> Path:
+    """The `conf/` folder: beside the package in a source checkout, inside it when installed."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"dsdiff's configs were not found next to {package}: reinstall the package "
+        "(`pip install .` ships them as dsdiff/conf) or run from a source checkout"
+    )
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("classes"):
+        OmegaConf.register_new_resolver("classes", lambda name: list(get_class_list(name).classes))
+
+
+_register_resolvers()

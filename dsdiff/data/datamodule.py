@@ -1,0 +1,124 @@
+"""The DataModule: a train dataset (real or synthetic) and real val/test splits."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from dsdiff.data.classes import IGNORE_INDEX, get_class_list
+
+DatasetFactory = Callable[..., Dataset]
+
+
+def pad_collate(samples: list[dict[str, Any]], ignore_index: int = IGNORE_INDEX) -> dict[str, Any]:
+    """Stack samples of different sizes: images zero-padded, masks padded with ``ignore_index``."""
+    h = max(s["image"].shape[-2] for s in samples)
+    w = max(s["image"].shape[-1] for s in samples)
+    images, masks = [], []
+    for s in samples:
+        ph, pw = h - s["image"].shape[-2], w - s["image"].shape[-1]
+        images.append(F.pad(s["image"], (0, pw, 0, ph)))
+        masks.append(F.pad(s["mask"], (0, pw, 0, ph), value=ignore_index))
+    return {"image": torch.stack(images), "mask": torch.stack(masks), "name": [s["name"] for s in samples]}
+
+
+def _prepare(factory: DatasetFactory | None) -> None:
+    """Run a dataset class's one-process disk preparation (e.g. COCO mask caching), if it has one."""
+    if isinstance(factory, partial) and hasattr(factory.func, "prepare_data"):
+        factory.func.prepare_data(*factory.args, **{k: v for k, v in factory.keywords.items() if k != "transform"})
+
+
+class SegDataModule(L.LightningDataModule):
+    """Builds datasets from factories (``functools.partial`` of a Dataset class) in ``setup``.
+
+    ``num_classes`` (and ``class_list``, a name in ``dsdiff.data.classes.CLASS_LISTS``) are what
+    the model was configured with; every dataset must agree with them.
+    The test split defaults to the val split (VOC and COCO report on val).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        train: DatasetFactory | None,
+        val: DatasetFactory | None,
+        test: DatasetFactory | None = None,
+        class_list: str | None = None,
+        train_transform: Callable | None = None,
+        eval_transform: Callable | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_list = class_list
+        self.factories = {"train": train, "val": val, "test": test or val}
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.datasets: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        for factory in self.factories.values():
+            _prepare(factory)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
+        for split in wanted.get(stage, ("train", "val", "test")):
+            if split in self.datasets or self.factories[split] is None:
+                continue
+            transform = self.train_transform if split == "train" else self.eval_transform
+            dataset = self.factories[split](transform=transform)
+            found = getattr(dataset, "num_classes", self.num_classes)
+            if found != self.num_classes:
+                raise ValueError(
+                    f"the {split} dataset {type(dataset).__name__} has {found} classes but the model is "
+                    f"configured for {self.num_classes}: set data.num_classes={found} or use a matching dataset"
+                )
+            if self.class_list and hasattr(dataset, "classes"):
+                expected = get_class_list(self.class_list).classes
+                if tuple(dataset.classes) != tuple(expected):
+                    raise ValueError(
+                        f"the {split} dataset's classes {list(dataset.classes)[:4]}... are not the "
+                        f"{self.class_list!r} class list {list(expected)[:4]}...: set data.class_list to match"
+                    )
+            self.datasets[split] = dataset
+
+    @property
+    def class_names(self) -> list[str]:
+        for dataset in self.datasets.values():
+            if hasattr(dataset, "classes"):
+                return list(dataset.classes)
+        raise RuntimeError("call setup() before asking for class_names")
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split} dataset: configure data.{split} (and call setup())")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.datasets[split]) > batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=pad_collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, shuffle=False)

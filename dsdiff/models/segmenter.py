@@ -1,0 +1,132 @@
+"""The LightningModule: uncertainty-aware cross-entropy training, mIoU validation, TTA testing."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric
+
+from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.models.inference import predict_logits
+from dsdiff.models.metrics import iou_metric, mean_iou
+from dsdiff.models.tta import PAPER_SCALES, tta_logits
+
+
+def uncertainty_aware_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Cross-entropy over certain pixels only; uncertain (ignore_index) pixels give no gradient.
+
+    logits (B, C, H, W), target (B, H, W). A batch with no certain pixel gives a zero loss
+    (still attached to the graph), not NaN.
+    """
+    valid = (target != ignore_index).sum()
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return loss / valid.clamp(min=1)
+
+
+class Segmenter(L.LightningModule):
+    """Trains a ``SegmentationNet``; logs ``val/mIoU``, ``val/IoU/<class>``, ``test/mIoU(_tta)``."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        class_names: Sequence[str],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        aux_weight: float = 0.4,
+        backbone_lr_mult: float = 0.1,
+        ignore_index: int = IGNORE_INDEX,
+        tta_scales: Sequence[float] = PAPER_SCALES,
+        tta_flip: bool = True,
+        test_tta: bool = True,
+        slide_crop: int | None = None,
+    ):
+        super().__init__()
+        class_names = [str(name) for name in class_names]  # plain types (not ListConfig) in checkpoints
+        tta_scales = [float(scale) for scale in tta_scales]
+        # factories stay out of the hyperparameters: checkpoints then hold plain values only and
+        # load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        if getattr(net, "num_classes", num_classes) != num_classes:
+            raise ValueError(
+                f"the network predicts {net.num_classes} classes but the class list has {num_classes}: "
+                "set model.net.num_classes to the dataset's number of classes (the default "
+                "${data.num_classes} does this)"
+            )
+        self.val_iou = iou_metric(num_classes, ignore_index)
+        self.val_miou_best = MaxMetric()
+        self.test_iou = iou_metric(num_classes, ignore_index)
+        self.test_iou_tta = iou_metric(num_classes, ignore_index)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits at the input resolution for normalised images of any size."""
+        return predict_logits(self.net, images, self.hparams.slide_crop)
+
+    def forward_tta(self, images: torch.Tensor) -> torch.Tensor:
+        return tta_logits(self, images, self.hparams.tta_scales, self.hparams.tta_flip)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, masks = batch["image"], batch["mask"]
+        out, aux = self.net.forward_train(images)
+        loss_main = uncertainty_aware_ce(out, masks, self.hparams.ignore_index)
+        loss = loss_main
+        if aux is not None and self.hparams.aux_weight > 0:
+            loss_aux = uncertainty_aware_ce(aux, masks, self.hparams.ignore_index)
+            loss = loss + self.hparams.aux_weight * loss_aux
+            self.log("train/loss_aux", loss_aux, batch_size=len(images))
+        self.log("train/loss_main", loss_main, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_iou.update(self(batch["image"]).argmax(1), batch["mask"])
+
+    def on_validation_epoch_end(self) -> None:
+        per_class = self.val_iou.compute()
+        miou = mean_iou(per_class)
+        self.val_iou.reset()
+        self.val_miou_best.update(miou)
+        self.log("val/mIoU", miou, prog_bar=True, sync_dist=True)
+        self.log("val/mIoU_best", self.val_miou_best.compute(), sync_dist=True)
+        for name, value in zip(self.class_names, per_class):
+            self.log(f"val/IoU/{name}", value, sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_iou.update(self(batch["image"]).argmax(1), batch["mask"])
+        if self.hparams.test_tta:
+            self.test_iou_tta.update(self.forward_tta(batch["image"]).argmax(1), batch["mask"])
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_iou.compute()
+        self.log("test/mIoU", mean_iou(per_class), sync_dist=True)
+        for name, value in zip(self.class_names, per_class):
+            self.log(f"test/IoU/{name}", value, sync_dist=True)
+        self.test_iou.reset()
+        if self.hparams.test_tta:
+            per_class = self.test_iou_tta.compute()
+            self.log("test/mIoU_tta", mean_iou(per_class), sync_dist=True)
+            for name, value in zip(self.class_names, per_class):
+                self.log(f"test/IoU_tta/{name}", value, sync_dist=True)
+            self.test_iou_tta.reset()
+
+    def configure_optimizers(self):
+        base_lr = self.optimizer_factory.keywords["lr"]
+        if hasattr(self.net, "backbone_parameters"):  # pretrained backbone: smaller lr
+            groups = [
+                {"params": self.net.backbone_parameters(), "lr": base_lr * self.hparams.backbone_lr_mult},
+                {"params": self.net.head_parameters(), "lr": base_lr},
+            ]
+        else:
+            groups = [{"params": list(self.net.parameters()), "lr": base_lr}]
+        optimizer = self.optimizer_factory(params=groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_iters=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
