@@ -16,6 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("dsdiff")
 
+_WANDB_DIRS = {"WANDB_DIR": ".", "WANDB_CACHE_DIR": "wandb/cache", "WANDB_CONFIG_DIR": "wandb/config", "WANDB_DATA_DIR": "wandb/data"}
+# what the user set before dsdiff started: kept; anything else points into the current run dir
+_USER_WANDB_ENV = {var: os.environ.get(var) for var in _WANDB_DIRS}
+
 
 def _instantiate_group(cfg: DictConfig | None, kind: str) -> list[Any]:
     objects = []
@@ -34,10 +38,11 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
     """Loggers from config; W&B is kept offline unless WANDB_MODE says otherwise, and out of ~/."""
     if cfg and any("WandbLogger" in str(node.get("_target_", "")) for node in cfg.values() if node):
         os.environ.setdefault("WANDB_MODE", "offline")
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "wandb/cache"), ("WANDB_CONFIG_DIR", "wandb/config"), ("WANDB_DATA_DIR", "wandb/data")):
-            path = Path(output_dir) / sub
-            path.mkdir(parents=True, exist_ok=True)
-            os.environ.setdefault(var, str(path))
+        for var, sub in _WANDB_DIRS.items():
+            if _USER_WANDB_ENV.get(var) is None:  # per run, so each multirun job keeps its own files
+                path = Path(output_dir) / sub
+                path.mkdir(parents=True, exist_ok=True)
+                os.environ[var] = str(path)
     return _instantiate_group(cfg, "logger")
 
 

@@ -97,3 +97,19 @@ def test_dataset_with_other_class_count_is_refused(voc_root):
     datamodule = SegDataModule(num_classes=19, train=partial(VOCSegmentation, voc_root, "train"), val=None)
     with pytest.raises(ValueError, match="has 21 classes but the model is configured for 19: set data.num_classes=21"):
         datamodule.setup("fit")
+
+
+def test_wandb_logs_offline_inside_the_run_dir(voc_root, make_cfg, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for n, out in enumerate(("run1", "run2")):  # two runs in one process, like a multirun
+        cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", "logger=wandb",
+                        "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false"], output_dir=tmp_path / out)
+        train(cfg)
+        runs = list((tmp_path / out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"run {n}: {runs}"
+        history = list(runs[0].glob("run-*.wandb"))
+        assert history and history[0].stat().st_size > 0
+    assert not any(home.rglob("*wandb*")), "W&B wrote under ~/"
