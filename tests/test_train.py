@@ -112,4 +112,13 @@ def test_wandb_logs_offline_inside_the_run_dir(voc_root, make_cfg, tmp_path, mon
         assert len(runs) == 1, f"run {n}: {runs}"
         history = list(runs[0].glob("run-*.wandb"))
         assert history and history[0].stat().st_size > 0
+        media = runs[0] / "files" / "media"
+        assert list((media / "images").rglob("*.png")), "no validation images logged"
+        assert list((media / "images" / "mask").rglob("*.png")), "no mask overlays logged"
+        tables = list((media / "table").rglob("*.table.json"))
+        assert tables, "no per-class IoU table logged"
+        rows = json.loads(tables[0].read_text())["data"]
+        assert [r[1] for r in rows][:3] == ["background", "aeroplane", "bicycle"] and len(rows) == 21
+        assert any(isinstance(r[2], float) and r[2] == r[2] for r in rows)  # real (non-NaN) IoU values
+        assert list((tmp_path / out / "images").glob("val_step*.png"))
     assert not any(home.rglob("*wandb*")), "W&B wrote under ~/"

@@ -85,8 +85,10 @@ class Segmenter(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_iou.update(self(batch["image"]).argmax(1), batch["mask"])
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        pred = self(batch["image"]).argmax(1)
+        self.val_iou.update(pred, batch["mask"])
+        return {"pred": pred}  # for ValidationPanel's overlays
 
     def on_validation_epoch_end(self) -> None:
         per_class = self.val_iou.compute()

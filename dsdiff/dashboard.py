@@ -1,0 +1,85 @@
+"""Validation pictures: a fixed panel of val images with prediction / ground-truth overlays.
+
+Saved as PNG grids in ``<run dir>/images/`` with any logger; with W&B also logged as
+``wandb.Image`` mask overlays (toggle classes in the UI) plus a per-class IoU table.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dsdiff.viz import colorize_labels
+
+
+def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Normalised (3, H, W) float -> (H, W, 3) uint8."""
+    mean = torch.tensor(mean, device=image.device).view(3, 1, 1)
+    std = torch.tensor(std, device=image.device).view(3, 1, 1)
+    pixels = ((image * std + mean) * 255).clamp(0, 255).round().byte()
+    return pixels.permute(1, 2, 0).cpu().numpy()
+
+
+def overlay_row(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """image | image blended with the prediction | with the ground truth (255 drawn white)."""
+    blend = lambda label: (image * (1 - alpha) + colorize_labels(label) * alpha).astype(np.uint8)  # noqa: E731
+    return np.concatenate([image, blend(pred), blend(target)], axis=1)
+
+
+class ValidationPanel(L.Callback):
+    """Shows the first ``num_images`` validation images (the same ones every time) with overlays."""
+
+    def __init__(self, num_images: int = 8, save_png: bool = True):
+        self.num_images = num_images
+        self.save_png = save_png
+        self._rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._rows = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if len(self._rows) >= self.num_images or not isinstance(outputs, dict) or "pred" not in outputs:
+            return
+        for image, pred, target in zip(batch["image"], outputs["pred"], batch["mask"]):
+            if len(self._rows) >= self.num_images:
+                break
+            valid = (target != IGNORE_INDEX).any(0).nonzero()  # crop batch padding (all-255 columns)
+            width = int(valid.max()) + 1 if len(valid) else target.shape[-1]
+            self._rows.append((denormalize(image[..., :width]), pred[..., :width].cpu().numpy(), target[..., :width].cpu().numpy()))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._rows or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        names = getattr(pl_module, "class_names", None) or [str(i) for i in range(256)]
+        if self.save_png:
+            out = Path(trainer.default_root_dir) / "images" / f"val_step{trainer.global_step:06d}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            rows = [overlay_row(*row) for row in self._rows]
+            width = max(r.shape[1] for r in rows)
+            grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])
+            Image.fromarray(grid).save(out)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, trainer, names)
+
+    def _log_wandb(self, logger: WandbLogger, trainer, names) -> None:
+        import wandb
+
+        labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
+        images = [
+            wandb.Image(image, masks={"prediction": {"mask_data": pred, "class_labels": labels},
+                                      "ground_truth": {"mask_data": target, "class_labels": labels}})
+            for image, pred, target in self._rows
+        ]
+        metrics = trainer.callback_metrics
+        table = wandb.Table(columns=["step", "class", "IoU"])
+        for name in names[: len(getattr(trainer.lightning_module, "class_names", []))]:
+            value = metrics.get(f"val/IoU/{name}")
+            table.add_data(trainer.global_step, name, None if value is None else float(value))
+        logger.experiment.log({"val/examples": images, "val/IoU_table": table, "trainer/global_step": trainer.global_step})
