@@ -1,0 +1,30 @@
+"""Fixtures for the diffusion tests: one tiny random-weight SD pipeline saved to disk per session."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dsdiff.diffusion.testing import build_tokenizer, save_tiny_pipeline  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: OpenMP threads contending for cores cost ~50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A ``save_pretrained`` folder of a tiny StableDiffusionPipeline (64px images, 32x32 latent)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd") / "pipeline")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real CLIP BPE tokenizer over a tiny vocabulary ("tv monitor" falls apart into characters)."""
+    return build_tokenizer()

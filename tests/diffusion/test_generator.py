@@ -1,0 +1,167 @@
+"""End-to-end generation on a tiny pipeline saved to disk and loaded the way users load models."""
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from dsdiff.data.classes import VOC_CLASSES
+from dsdiff.diffusion import PromptRecord, SyntheticGenerator
+from dsdiff.diffusion.attention import AttentionStore
+from dsdiff.diffusion.testing import build_tiny_sdxl_pipeline
+from dsdiff.viz import save_sample_grid
+
+VOC = {name: i for i, name in enumerate(VOC_CLASSES)}
+PROMPTS = ["a photo of a dog on a sofa", "a dining table and a tv monitor"]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_pipeline_dir):
+    return SyntheticGenerator.from_pretrained(
+        tiny_pipeline_dir, VOC_CLASSES, dtype="fp32", device="cpu", num_inference_steps=3
+    )
+
+
+def test_generation_gives_images_labels_maps_and_metadata(gen, tmp_path):
+    samples = gen(PROMPTS, seeds=[0, 1])
+    assert [s.class_ids for s in samples] == [[VOC["dog"], VOC["sofa"]], [VOC["diningtable"], VOC["tvmonitor"]]]
+    for s in samples:
+        assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
+        assert s.label.shape == (64, 64) and s.label.dtype == np.uint8
+        assert set(np.unique(s.label)) <= {0, 255, *s.class_ids}
+        assert s.class_maps.shape == (2, 64, 64) and s.class_maps.min() >= 0 and s.class_maps.max() <= 1
+        assert s.attention is None
+    meta = samples[1].metadata
+    assert meta["class_prompt"] == "dining table tv monitor" and meta["seed"] == 1
+    assert (meta["steps"], meta["recorded_steps"], meta["scheduler"]) == (3, 3, "DDIMScheduler")
+    assert (meta["tau"], meta["alpha"], meta["beta"], meta["cross_res"], meta["self_res"]) == (4, 0.6, 0.5, 16, 32)
+    png = save_sample_grid(samples, tmp_path / "grid.png", VOC_CLASSES)  # a picture to look at
+    assert png.stat().st_size > 0
+
+
+def test_same_seed_same_sample_whatever_the_batch(gen):
+    alone = gen(PROMPTS[:1], seeds=[7])[0]
+    again = gen(PROMPTS[:1], seeds=[7])[0]
+    batched = gen([PROMPTS[1], PROMPTS[0]], seeds=[3, 7])[1]
+    assert np.array_equal(alone.image, again.image) and np.array_equal(alone.label, again.label)
+    assert np.abs(alone.image.astype(int) - batched.image.astype(int)).max() <= 1
+    assert (alone.label == batched.label).mean() > 0.99
+    other = gen(PROMPTS[:1], seeds=[8])[0]
+    assert np.abs(alone.image.astype(int) - other.image.astype(int)).mean() > 1
+
+
+def test_images_equal_the_plain_pipeline_for_the_same_seed(gen, tiny_pipeline_dir):
+    plain = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    plain.set_progress_bar_config(disable=True)
+    expected = plain(
+        PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, output_type="np",
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
+    ours = gen(PROMPTS[:1], seeds=[5])[0].image
+    assert np.abs(ours.astype(float) - expected * 255).max() <= 0.51  # equal up to uint8 rounding
+
+
+def test_negative_prompt_changes_the_image_and_is_recorded(gen):
+    plain = gen(PROMPTS[:1], seeds=[2])[0]
+    negated = gen(PROMPTS[:1], seeds=[2], negative_prompt="a blurry photo")[0]
+    assert negated.metadata["negative_prompt"] == "a blurry photo" and plain.metadata["negative_prompt"] is None
+    assert np.abs(plain.image.astype(int) - negated.image.astype(int)).mean() > 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_on_cuda(tiny_pipeline_dir, dtype):
+    gen = SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, dtype=dtype, device="cuda")
+    first, again = (gen(PROMPTS[:1], seeds=[0], num_inference_steps=3)[0] for _ in range(2))
+    assert first.metadata["dtype"] == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    assert np.isfinite(first.class_maps).all() and set(np.unique(first.label)) <= {0, 255, *first.class_ids}
+    assert np.array_equal(first.image, again.image) and np.array_equal(first.label, again.label)
+
+
+def test_recorders_come_back_after_someone_replaces_the_processors(gen):
+    gen.pipe.unet.set_attn_processor(AttnProcessor2_0())
+    s = gen(PROMPTS[:1], seeds=[0], return_attention=True)[0]
+    assert s.attention["cross"].std() > 0 and (s.label != 0).any()
+
+
+def test_sdxl_layout_generates_and_matches_its_plain_pipeline(tmp_path):
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "sdxl")
+    with pytest.raises(ValueError, match=r"attention at \[16, 8\]: set self_res"):
+        SyntheticGenerator.from_pretrained(tmp_path / "sdxl", VOC_CLASSES, device="cpu")
+    gen = SyntheticGenerator.from_pretrained(tmp_path / "sdxl", VOC_CLASSES, device="cpu", cross_res=8, self_res=16)
+    sample = gen(PROMPTS[:1], seeds=[4], num_inference_steps=3)[0]
+    assert sample.class_ids == [VOC["dog"], VOC["sofa"]] and sample.class_maps.shape == (2, 64, 64)
+    assert type(gen.pipe).__name__ == "StableDiffusionXLPipeline"
+    gen.pipe.unet.set_attn_processor(AttnProcessor2_0())
+    plain = gen.pipe(PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(4)).images[0]
+    assert np.abs(sample.image.astype(float) - plain * 255).max() <= 0.51
+
+
+def test_records_window_and_counts(gen, monkeypatch):
+    adds = {"cross": 0, "self": 0}
+    original = AttentionStore.add
+
+    def counting(self, kind, probs):
+        adds[kind] += 1
+        original(self, kind, probs)
+
+    monkeypatch.setattr(AttentionStore, "add", counting)
+    gen.window = (0.5, 1.0)
+    try:
+        record = PromptRecord("x_0", "a cat; cat", [VOC["cat"]], ["cat"], "cat", "a cat", "x")
+        sample = gen([record], seeds=[0], num_inference_steps=4)[0]
+    finally:
+        gen.window = (0.0, 1.0)
+    assert adds == {"cross": 2 * 4, "self": 2 * 3}  # 2 of 4 steps x layers at 16 (cross) / 32 (self)
+    assert sample.metadata["recorded_steps"] == 2 and sample.metadata["id"] == "x_0"
+
+
+def test_raw_attention_on_request_and_no_guidance(gen):
+    s = gen([{"id": "r", "prompt": "a bird; bird", "class_ids": [VOC["bird"]]}], seeds=[0],
+            guidance_scale=1.0, return_attention=True)[0]
+    assert s.attention["cross"].shape == (1, 16, 16)
+    assert s.attention["self"].shape == (1024, 1024)
+    np.testing.assert_allclose(s.attention["self"].sum(-1), 1.0, atol=1e-4)
+
+
+def test_prompt_without_class_gives_background_and_long_prompt_is_truncated(gen, caplog):
+    with caplog.at_level(logging.WARNING):
+        empty = gen(["clouds over the sea"], seeds=[0])[0]
+        long = gen(["a dog " + "sitting on the grass " * 30], seeds=[0])[0]
+    assert empty.class_ids == [] and (empty.label == 0).all() and empty.class_maps.shape == (0, 64, 64)
+    assert "all background" in caplog.text and "truncated" in caplog.text
+    assert long.class_ids == [VOC["dog"]]
+    assert len(gen.pipe.tokenizer(long.metadata["prompt"])["input_ids"]) <= 77
+
+
+@pytest.mark.parametrize("scheduler", ["dpm-solver", "euler"])
+def test_schedulers_by_name(tiny_pipeline_dir, scheduler):
+    gen = SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", scheduler=scheduler)
+    s = gen(PROMPTS[:1], seeds=[0], num_inference_steps=2)[0]
+    assert s.metadata["scheduler"] == {"dpm-solver": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}[scheduler]
+    assert np.isfinite(s.class_maps).all()
+
+
+def test_clear_errors(tiny_pipeline_dir, tmp_path, gen):
+    with pytest.raises(FileNotFoundError, match="no Stable Diffusion weights at .*pass model="):
+        SyntheticGenerator.from_pretrained(tmp_path / "nowhere", VOC_CLASSES, device="cpu")
+    broken = shutil.copytree(tiny_pipeline_dir, tmp_path / "broken")
+    for weights in (broken / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match="could not load the pipeline at"):
+        SyntheticGenerator.from_pretrained(broken, VOC_CLASSES, device="cpu")
+    with pytest.raises(ValueError, match="unknown scheduler 'heun2'.*ddim"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", scheduler="heun2")
+    with pytest.raises(ValueError, match="dtype fp16 on CPU"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", dtype="fp16")
+    with pytest.raises(ValueError, match="cannot place class name 'café'"):
+        SyntheticGenerator(gen.pipe, ("background", "café"))
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        gen(PROMPTS, seeds=[0])
+    with pytest.raises(ValueError, match=r"class ids \[0\]"):
+        gen([{"id": "b", "prompt": "x", "class_ids": [0]}], seeds=[0])
