@@ -43,12 +43,17 @@ def test_generation_gives_images_labels_maps_and_metadata(gen, tmp_path):
 
 
 def test_same_seed_same_sample_whatever_the_batch(gen):
-    alone = gen(PROMPTS[:1], seeds=[7])[0]
+    alone = gen(PROMPTS[:1], seeds=[7], return_attention=True)[0]
     again = gen(PROMPTS[:1], seeds=[7])[0]
-    batched = gen([PROMPTS[1], PROMPTS[0]], seeds=[3, 7])[1]
+    batched = gen([PROMPTS[1], PROMPTS[0]], seeds=[3, 7], return_attention=True)[1]
     assert np.array_equal(alone.image, again.image) and np.array_equal(alone.label, again.label)
     assert np.abs(alone.image.astype(int) - batched.image.astype(int)).max() <= 1
-    assert (alone.label == batched.label).mean() > 0.99
+    # The recorded attention agrees to float precision. (Labels are not compared across batch
+    # compositions: with random weights S^tau is nearly uniform, so min-max normalisation blows
+    # last-bit differences of the refined maps up to whole-label flips.)
+    for kind in ("cross", "self"):
+        a, b = alone.attention[kind], batched.attention[kind]
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), kind
     other = gen(PROMPTS[:1], seeds=[8])[0]
     assert np.abs(alone.image.astype(int) - other.image.astype(int)).mean() > 1
 
