@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dsdiff.data.classes import IGNORE_INDEX, get_class_list
 
@@ -103,11 +103,14 @@ class SegDataModule(L.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"no {split} dataset: configure data.{split} (and call setup())")
+        dataset = self.datasets[split]
+        if isinstance(dataset, IterableDataset):  # a stream (on-the-fly generation) orders itself
+            shuffle = False
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(self.datasets[split]) > batch_size,
+            drop_last=shuffle and len(dataset) > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

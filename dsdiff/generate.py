@@ -1,0 +1,35 @@
+"""`python -m dsdiff.generate +experiment=NAME generator.model=ID_OR_DIR synthetic.num_images=N synthetic.dir=DIR`
+
+Writes (or finishes) the synthetic dataset described by the `generator` and `synthetic` config
+groups; kill it at any point and run the same command again to resume. Several GPUs or nodes:
+`trainer=ddp trainer.devices=8` (and `trainer.num_nodes=...`, SLURM or torchrun), with the same
+samples as one process. `synthetic.export=voc` also writes a VOC-layout copy.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dsdiff.config import config_dir
+from dsdiff.generation import generate
+from dsdiff.runtime import finish_loggers, instantiate_loggers, log_config, write_json_atomic
+
+log = logging.getLogger("dsdiff")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> None:
+    output_dir = Path(cfg.paths.output_dir)
+    loggers = instantiate_loggers(cfg.get("logger"), output_dir)
+    log_config(cfg, loggers)
+    summary = generate(cfg, loggers)
+    write_json_atomic(output_dir / "generation.json", summary)
+    log.info("synthetic dataset: %s", summary)
+    finish_loggers(loggers)
+
+
+if __name__ == "__main__":
+    main()

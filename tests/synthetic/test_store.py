@@ -1,0 +1,161 @@
+"""The synthetic folder format: atomic writes, resume bookkeeping, config checks, reading, export."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsdiff.data.classes import VOC_CLASSES
+from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore, export_voc, filter_reason, sample_id
+from dsdiff.data.transforms import TrainTransform
+from dsdiff.data.voc import VOCSegmentation
+
+CONFIG = {"class_names": list(VOC_CLASSES), "generator": {"model": "tiny", "tau": 4}, "seed": 0}
+
+
+def _sample(i: int, size: int = 24):
+    rng = np.random.default_rng(i)
+    label = np.zeros((size, size), np.uint8)
+    label[4:12, 4:12] = 1 + i % 20
+    label[12:14] = 255
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = rng.integers(0, 255, 3)
+    image[label == 1 + i % 20] = rng.integers(0, 255, 3)  # flat regions: JPEG keeps them close
+    return image, label
+
+
+def _fill(store: SyntheticStore, ids, tag="rank0", image_format="png"):
+    for i in ids:
+        image, label = _sample(i)
+        store.write_sample(sample_id(i), image, label, {"seed": i, "class_ids": [1 + i % 20]}, tag=tag, image_format=image_format)
+
+
+def test_written_samples_read_back_exactly(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(3))
+    data = SyntheticDataset(store.root)
+    assert len(data) == 3 and data.classes == VOC_CLASSES and data.num_classes == 21
+    item = data[1]
+    image, label = _sample(1)
+    assert item["name"] == "0000001"
+    assert torch.equal(item["image"], torch.from_numpy(image).permute(2, 0, 1))
+    assert torch.equal(item["mask"], torch.from_numpy(label).long())
+    with Image.open(store.root / "masks" / "0000001.png") as im:
+        assert im.mode == "P"  # palette PNG, as VOC
+    entry = store.entries()[1]
+    assert entry["seed"] == 1 and entry["image"] == "images/0000001.png"
+    assert entry["uncertain"] == pytest.approx(2 * 24 / 24**2, abs=1e-4)
+    assert not list(store.root.rglob(".*.tmp*"))  # no temporary file left
+
+
+def test_torn_manifest_line_is_ignored_then_cut_before_appending(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(2))
+    shard = store.root / "manifest.rank0.jsonl"
+    with shard.open("a") as f:
+        f.write('{"id": "0000002", "ima')  # a writer killed mid-line
+    assert store.done_ids() == {"0000000", "0000001"}
+    fresh = SyntheticStore(store.root)  # the restarted run
+    _fill(fresh, [2])
+    lines = shard.read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["id"] for line in lines)
+    assert fresh.done_ids() == {"0000000", "0000001", "0000002"}
+
+
+def test_sample_without_its_manifest_line_or_files_is_not_done(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(3))
+    (store.root / "images" / "0000001.png").unlink()
+    image, label = _sample(7)
+    Image.fromarray(image).save(store.root / "images" / "0000007.png")  # files but no manifest line
+    assert store.done_ids() == {"0000000", "0000002"}
+
+
+def test_a_folder_made_differently_is_refused_unless_overwritten(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(2))
+    other = {**CONFIG, "generator": {"model": "tiny", "tau": 2}}
+    with pytest.raises(ValueError, match=r"generator.tau: 4 -> 2.*synthetic.overwrite=true"):
+        store.prepare(other)
+    store.prepare(CONFIG)  # the same configuration resumes
+    assert len(store.done_ids()) == 2
+    store.prepare(other, overwrite=True)
+    assert store.done_ids() == set() and json.loads(store.config_path.read_text())["generator"]["tau"] == 2
+
+
+def test_shards_of_several_ranks_are_read_together_and_compacted(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, [0, 2, 4], tag="rank0")
+    _fill(store, [1, 3], tag="rank1")
+    store.write_dropped(sample_id(5), "no_foreground", {"seed": 5}, tag="rank1")
+    assert [e["id"] for e in store.entries()] == [sample_id(i) for i in range(5)]
+    assert store.compact() == 5
+    assert not list(store.root.glob("manifest.*.jsonl")) and not list(store.root.glob("dropped.*.jsonl"))
+    assert len((store.root / "manifest.jsonl").read_text().splitlines()) == 5
+    assert store.done_ids() == {sample_id(i) for i in range(6)}  # the dropped one is not redone
+    assert len(SyntheticDataset(store.root)) == 5
+
+
+def test_corrupt_and_missing_files_are_skipped_with_their_path(tmp_path, caplog):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(4))
+    (store.root / "masks" / "0000003.png").unlink()
+    data = SyntheticDataset(store.root)
+    assert len(data) == 3  # missing file: left out when opening
+    (store.root / "images" / "0000001.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING, logger="dsdiff"):
+        names = [data[i]["name"] for i in range(len(data))]
+    assert names == ["0000000", "0000002", "0000002"]  # the corrupt one replaced by the next good one
+    assert data.skipped == 1 and "0000001" in caplog.text
+
+
+def test_reader_applies_the_training_transforms(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(2))
+    data = SyntheticDataset(store.root, transform=TrainTransform(crop_size=16, scale_range=(1.0, 1.0), photometric=False))
+    item = data[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert set(item["mask"].unique().tolist()) <= {0, 1, 255}
+
+
+def test_missing_folder_error_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m dsdiff.generate"):
+        SyntheticDataset(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpg"])
+def test_voc_export_is_read_by_the_voc_dataset(tmp_path, image_format):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(3), image_format=image_format)
+    root = export_voc(store.root)
+    voc = VOCSegmentation(root, split="train")
+    assert voc.ids == ["0000000", "0000001", "0000002"]
+    for i, name in enumerate(voc.ids):
+        item = voc[i]
+        image, label = _sample(i)
+        assert torch.equal(item["mask"], torch.from_numpy(label).long())  # masks are exact
+        assert item["image"].shape == (3, 24, 24)
+        # JPEG re-encoding is lossy but close
+        assert (item["image"].float() - torch.from_numpy(image).permute(2, 0, 1).float()).abs().mean() < 40
+
+
+def test_filters():
+    empty = np.zeros((8, 8), np.uint8)
+    assert filter_reason(empty) == "no_foreground"
+    assert filter_reason(empty, drop_empty=False) is None
+    label = empty.copy()
+    label[:2] = 3
+    label[2:6] = 255
+    assert filter_reason(label) is None
+    assert filter_reason(label, max_uncertain=0.4) == "too_uncertain"
+    assert filter_reason(label, max_uncertain=0.6) is None
