@@ -29,6 +29,7 @@ test-full: $(STAMP)  ## every test, slow ones included
 
 bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/results/)
 	$(BIN)/python experiments/bench_generation.py
+	$(BIN)/python experiments/bench_data.py
 
 clean:  ## remove run outputs (logs/, outputs/, multirun/)
 	rm -rf logs outputs multirun
