@@ -19,6 +19,7 @@ import torch
 from dsdiff.data.classes import IGNORE_INDEX, class_words
 from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
 from dsdiff.diffusion.masks import attention_to_labels
+from dsdiff.diffusion.pixels import latents_to_images, packing_factor
 from dsdiff.diffusion.prompts import PromptRecord, class_token_spans, find_class_ids, fit_prompt
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,16 @@ def set_scheduler(pipe, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+def is_pixel_space(pipe) -> bool:
+    """True for a pipeline without a VAE: its UNet denoises (packed) pixels, see dsdiff.diffusion.pixels."""
+    return getattr(pipe, "vae", None) is None
+
+
 def image_to_latent_factor(pipe) -> int:
-    """How many image pixels one UNet input position covers: the VAE's factor, 1 without a VAE."""
-    return getattr(pipe, "vae_scale_factor", 1) if getattr(pipe, "vae", None) is not None else 1
+    """How many image pixels one UNet input position covers: the VAE's factor, or the pixel packing factor."""
+    if is_pixel_space(pipe):
+        return packing_factor(pipe.unet.config.in_channels)
+    return getattr(pipe, "vae_scale_factor", 1)
 
 
 def latent_size(pipe, height: int, width: int) -> tuple[int, int]:
@@ -86,9 +94,11 @@ def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool
             f"{model!r} is a {config.get('_class_name')} without a UNet: dsdiff records UNet attention "
             "(Stable Diffusion 1.x/2.x, SDXL)"
         )
-    extra = {}
+    # A component saved as [null, null] (a pixel-space model's vae) must be passed as None
+    # explicitly: diffusers only fills in the optional ones (safety checker, feature extractor).
+    extra = {name: None for name, value in config.items() if isinstance(value, list) and value == [None, None]}
     if "safety_checker" in config and not safety_checker:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+        extra.update({"safety_checker": None, "requires_safety_checker": False})
     from diffusers.pipelines import pipeline_utils
 
     # diffusers renamed torch_dtype to dtype (and warns on the old name) where it has _resolve_dtype.
@@ -238,6 +248,9 @@ class SyntheticGenerator:
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         height, width = height or self.height, width or self.width
+        factor = image_to_latent_factor(self.pipe)
+        if height % factor or width % factor:
+            raise ValueError(f"image size {height}x{width} is not a multiple of this pipeline's latent factor {factor}")
         record_steps = range(math.ceil(self.window[0] * steps), math.ceil(self.window[1] * steps))
         if not record_steps:
             raise ValueError(f"window {self.window} holds none of {steps} steps: widen it or add steps")
@@ -257,21 +270,31 @@ class SyntheticGenerator:
             self.store.recording = (i + 1) in record_steps
             return callback_kwargs
 
+        pixel_space = is_pixel_space(self.pipe)
+        if pixel_space:
+            # The pipeline sizes its latents as height // vae_scale_factor (8 without a VAE); ask
+            # for the size whose latent grid is the packed image, and unpack the latents below.
+            lat_h, lat_w = latent_size(self.pipe, height, width)
+            factor = getattr(self.pipe, "vae_scale_factor", 8)
+            call_h, call_w = lat_h * factor, lat_w * factor
+        else:
+            call_h, call_w = height, width
         try:
             out = self.pipe(
                 prompt=[r[0] for r in requests],
                 negative_prompt=None if negative is None else [negative] * len(requests),
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=height,
-                width=width,
+                height=call_h,
+                width=call_w,
                 generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
-                output_type="np",
+                output_type="latent" if pixel_space else "np",
                 callback_on_step_end=on_step_end,
             )
             cross_all, self_all = self.store.mean("cross"), self.store.mean("self")
         finally:
             self.store.clear()
+        images = latents_to_images(out.images, image_to_latent_factor(self.pipe)).numpy() if pixel_space else out.images
         settings = {
             "model": self.model_id, "scheduler": type(self.pipe.scheduler).__name__, "steps": steps,
             "guidance_scale": guidance, "negative_prompt": negative, "height": height, "width": width,
@@ -285,7 +308,7 @@ class SyntheticGenerator:
             metadata = {**extra, "prompt": text, "class_prompt": class_prompts[b], "seed": int(seeds[b]), **settings}
             if nsfw is not None:
                 metadata["nsfw"] = bool(nsfw[b])
-            samples.append(self._sample(out.images[b], cross_all[b], self_all[b], spans[b], ids, metadata, return_attention))
+            samples.append(self._sample(images[b], cross_all[b], self_all[b], spans[b], ids, metadata, return_attention))
         return samples
 
     def _sample(self, image, cross, self_attn, spans, class_ids, metadata, return_attention) -> Sample:

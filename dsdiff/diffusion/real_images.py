@@ -1,0 +1,85 @@
+"""Attention on given (real) images: noise them, run the UNet once per timestep, label them.
+
+The same recorders, class-prompt cross-attention and attention-to-label rule as generation
+(METHOD.md section 3), but the image is given instead of sampled, so the maps can be scored
+against true masks: how well a model's attention finds the objects its caption names.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dsdiff.data.classes import class_words
+from dsdiff.diffusion.generator import Sample, SyntheticGenerator, is_pixel_space, latent_size
+from dsdiff.diffusion.pixels import pack
+from dsdiff.diffusion.prompts import PromptRecord, class_token_spans
+
+
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> UNet input: packed pixels without a VAE, else the VAE's scaled mean latent."""
+    if is_pixel_space(pipe):
+        from dsdiff.diffusion.generator import image_to_latent_factor
+
+        return pack(images, image_to_latent_factor(pipe))
+    latent = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist.mean
+    return latent * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def attention_on_images(
+    gen: SyntheticGenerator,
+    images: np.ndarray | torch.Tensor,
+    prompts: Sequence[str | Mapping | PromptRecord],
+    timesteps: Sequence[int],
+    *,
+    seed: int = 0,
+    return_attention: bool = False,
+) -> list[Sample]:
+    """Label maps for B given images from attention averaged over ``timesteps`` (each a noised copy).
+
+    ``images`` is uint8 (B, H, W, 3); ``prompts[i]`` is image i's text (its classes are found
+    in it, or given by a PromptRecord). The text conditions the UNet; the class prompt gives
+    the maps, as in generation. Noise is drawn from ``seed``, one draw per timestep.
+    """
+    images = torch.as_tensor(np.asarray(images))
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image")
+    if not timesteps:
+        raise ValueError("timesteps is empty: pass e.g. [200, 400, 600]")
+    pipe, device = gen.pipe, gen.device
+    height, width = images.shape[1:3]
+    requests = gen._requests(prompts)
+    class_prompts, spans = zip(*(
+        class_token_spans(pipe.tokenizer, [class_words(gen.class_names[i]) for i in ids]) for _, ids, _ in requests
+    ))
+
+    def encode(texts):
+        return pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)[0]
+
+    text_embeds, class_embeds = encode(r[0] for r in requests), encode(class_prompts)
+    pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    latents = encode_images(pipe, pixels).to(pipe.unet.dtype)
+    gen._install(latent_size(pipe, height, width))
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    gen.store.reset(class_embeds)
+    try:
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            t_batch = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
+            pipe.unet(pipe.scheduler.add_noise(latents, noise, t_batch), t_batch, encoder_hidden_states=text_embeds)
+        cross_all, self_all = gen.store.mean("cross"), gen.store.mean("self")
+    finally:
+        gen.store.clear()
+    samples = []
+    for b, (text, ids, extra) in enumerate(requests):
+        metadata = {**extra, "prompt": text, "class_prompt": class_prompts[b], "timesteps": [int(t) for t in timesteps],
+                    "seed": int(seed), "model": gen.model_id, "tau": gen.tau, "alpha": gen.alpha, "beta": gen.beta,
+                    "cross_res": gen.cross_res, "self_res": gen.self_res}
+        image = images[b].numpy().astype(np.float32) / 255.0
+        samples.append(gen._sample(image, cross_all[b], self_all[b], spans[b], ids, metadata, return_attention))
+    return samples
