@@ -275,8 +275,8 @@ class SyntheticGenerator:
             # The pipeline sizes its latents as height // vae_scale_factor (8 without a VAE); ask
             # for the size whose latent grid is the packed image, and unpack the latents below.
             lat_h, lat_w = latent_size(self.pipe, height, width)
-            factor = getattr(self.pipe, "vae_scale_factor", 8)
-            call_h, call_w = lat_h * factor, lat_w * factor
+            scale = getattr(self.pipe, "vae_scale_factor", 8)
+            call_h, call_w = lat_h * scale, lat_w * scale
         else:
             call_h, call_w = height, width
         try:
@@ -294,7 +294,7 @@ class SyntheticGenerator:
             cross_all, self_all = self.store.mean("cross"), self.store.mean("self")
         finally:
             self.store.clear()
-        images = latents_to_images(out.images, image_to_latent_factor(self.pipe)).numpy() if pixel_space else out.images
+        images = latents_to_images(out.images, factor).numpy() if pixel_space else out.images
         settings = {
             "model": self.model_id, "scheduler": type(self.pipe.scheduler).__name__, "steps": steps,
             "guidance_scale": guidance, "negative_prompt": negative, "height": height, "width": width,
