@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full bench clean
+.PHONY: help install demo test test-full bench pretrain clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -30,6 +30,9 @@ test-full: $(STAMP)  ## every test, slow ones included
 bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/results/)
 	$(BIN)/python experiments/bench_generation.py
 	$(BIN)/python experiments/bench_data.py
+
+pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model into dsdiff/assets/shapes_t2i (CPU, resumable)
+	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i export_dir=dsdiff/assets/shapes_t2i
 
 clean:  ## remove run outputs (logs/, outputs/, multirun/)
 	rm -rf logs outputs multirun

@@ -8,7 +8,15 @@ from omegaconf import OmegaConf
 from dsdiff.config import config_dir
 from dsdiff.runtime import job_config
 
-EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+def _entry_point(path: Path) -> str:
+    """The entry point an experiment file is for: its ``entry_point`` key, ``train`` when it has none."""
+    return OmegaConf.load(path).get("entry_point") or "train"
+
+
+_FILES = sorted((config_dir() / "experiment").glob("*.yaml"))
+EXPERIMENTS = [p.stem for p in _FILES if _entry_point(p) == "train"]  # composed with train.yaml
+PRETRAIN_EXPERIMENTS = [p.stem for p in _FILES if _entry_point(p) == "pretrain"]  # with pretrain.yaml
 
 
 def test_experiments_exist():
@@ -35,6 +43,22 @@ def test_debug_overrides_win_over_the_experiment(make_cfg, experiment):
     assert "csv" in cfg.logger and "wandb" not in cfg.logger
     model = hydra.utils.instantiate(cfg.model)
     assert model.net.num_classes == cfg.data.num_classes
+
+
+def test_every_experiment_names_a_known_entry_point():
+    assert sorted(EXPERIMENTS + PRETRAIN_EXPERIMENTS) == sorted(p.stem for p in _FILES)
+    assert "shapes_t2i" in PRETRAIN_EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", PRETRAIN_EXPERIMENTS)
+def test_pretrain_experiment_composes_and_instantiates(make_cfg, experiment):
+    cfg = make_cfg([f"+experiment={experiment}"], config_name="pretrain")
+    assert cfg.task_name == experiment and cfg.entry_point == "pretrain"
+    OmegaConf.to_container(job_config(cfg), resolve=True)
+    assert cfg.trainer.max_steps == cfg.max_steps and cfg.callbacks.ema.decay == cfg.ema_decay
+    model = hydra.utils.instantiate(cfg.model)
+    assert model.unet.config.sample_size * model.packing == cfg.data.image_size
+    assert hydra.utils.instantiate(cfg.data).hparams.batch_size == cfg.data.batch_size
 
 
 def test_paper_recipe_values(make_cfg):

@@ -1,0 +1,106 @@
+"""`python -m dsdiff.pretrain +experiment=shapes_t2i`: train the tiny text-to-image model, export it.
+
+The run resumes from ``<run dir>/checkpoints/last.ckpt`` when one exists (``ckpt_path: auto``),
+so rerunning the same command continues an interrupted training. At the end the EMA weights
+are saved as a diffusers pipeline folder (``export_dir``) that ``SyntheticGenerator.from_pretrained``
+loads like Stable Diffusion, with ``training.json`` (steps, minutes, command) beside it.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from dsdiff.config import config_dir
+from dsdiff.runtime import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    load_weights,
+    log_config,
+    to_float_dict,
+    write_json_atomic,
+)
+
+log = logging.getLogger("dsdiff")
+
+
+def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``auto``: the run's last.ckpt if there is one (else start fresh); a path must exist."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "auto":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt_path}: pass ckpt_path=<run dir>/checkpoints/last.ckpt, auto or null")
+    return str(ckpt_path)
+
+
+def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit (or, with ``train=false``, load ``ckpt_path``), then export the EMA pipeline; returns (metrics, objects)."""
+    if cfg.get("entry_point") != "pretrain":
+        raise ValueError(f"this config is for `python -m dsdiff.{cfg.get('entry_point', 'train')}`, not dsdiff.pretrain")
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"), output_dir)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_config(cfg, loggers)
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("train"):
+        log.info("training%s; checkpoints go to %s", f" from {ckpt}" if ckpt else "", output_dir / "checkpoints")
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt)  # EMA weights are in the model at the end
+        metrics.update(to_float_dict(trainer.callback_metrics))
+        steps = trainer.global_step
+    else:
+        if ckpt is None:
+            raise FileNotFoundError(f"train=false needs a checkpoint: none at {output_dir}/checkpoints/last.ckpt; pass ckpt_path=")
+        load_weights(model, ckpt)  # the checkpoint's state_dict holds the EMA weights
+        import torch
+
+        steps = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+        model.on_load_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
+
+    export_dir = Path(cfg.export_dir)
+    from dsdiff.t2i.model import save_pipeline
+
+    save_pipeline(model.to_pipeline(), export_dir)
+    metrics.update({"steps": steps, "train_minutes": round(model.train_seconds / 60, 2), "export_dir": str(export_dir)})
+    write_json_atomic(export_dir / "training.json", {
+        **metrics, "command": "python -m dsdiff.pretrain " + " ".join(cfg.get("overrides", [])),
+        "seed": cfg.get("seed"), "batch_size": cfg.data.batch_size, "ema_decay": cfg.get("ema_decay"),
+        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    log.info("pipeline (EMA weights, %d steps, %.1f training minutes) saved to %s", steps, model.train_seconds / 60, export_dir)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.overrides = list(HydraConfig.get().overrides.task)
+    pretrain(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

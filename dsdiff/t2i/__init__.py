@@ -1,0 +1,6 @@
+"""A tiny text-to-image diffusion model for the built-in shapes world, trained by ``dsdiff.pretrain``.
+
+It is saved as an ordinary diffusers ``StableDiffusionPipeline`` folder without a VAE (the
+UNet denoises pixels packed by ``pixel_unshuffle``), so the generator loads it through the
+same code path as Stable Diffusion.
+"""

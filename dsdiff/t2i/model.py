@@ -1,0 +1,168 @@
+"""Builders for the tiny pixel-space text-to-image pipeline (all standard diffusers/transformers parts).
+
+- tokenizer: a real CLIP BPE over printable characters plus merges for a few words, so the
+  world's words are single tokens and any other text still tokenizes (into characters);
+- text encoder: ``CLIPTextModel`` with no transformer layer, i.e. learned word embeddings and
+  the final LayerNorm. Position embeddings are zero and frozen (``positions=False``): a word's
+  key is then the same in the caption and in the separately encoded class prompt
+  ("ball leaf"), which is what class-prompt cross-attention (METHOD.md section 1) reads. The
+  start token, present in every prompt, is free to act as an attention sink;
+- UNet: ``UNet2DConditionModel`` over (3 r^2, H/r, W/r) packed pixels, cross-attention in
+  every block (for 32 px and r = 2: at 16x16 and 8x8);
+- scheduler: DDIM, cosine schedule, v-prediction, trailing timesteps (the first sampling step
+  starts from pure noise, as in training).
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dsdiff.data.classes import SHAPES_CLASSES, class_words
+
+# Words of the shapes world's captions and class prompts; anything else falls apart into characters.
+SHAPES_WORDS: tuple[str, ...] = tuple(class_words(c) for c in SHAPES_CLASSES[1:]) + (
+    "a", "an", "and", "the", "of", "with", "photo", "picture",
+)
+
+
+def build_tokenizer(words: Sequence[str] = SHAPES_WORDS, max_length: int = 16):
+    """A ``CLIPTokenizer`` whose vocabulary is printable characters plus one token per word in ``words``."""
+    from transformers import CLIPTokenizer
+
+    from dsdiff.diffusion.testing import write_tokenizer_files
+
+    if max_length < 4:
+        raise ValueError(f"max_length={max_length} leaves no room for a caption: use >= 8 (start + words + end)")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(tmp, words)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+
+
+def build_text_encoder(tokenizer, dim: int = 64, positions: bool = False, seed: int = 0):
+    """A ``CLIPTextModel`` with ``num_hidden_layers=0``: word (+ position) embeddings and a LayerNorm."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=dim, num_attention_heads=1,
+            num_hidden_layers=0, max_position_embeddings=int(tokenizer.model_max_length),
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    if not positions:
+        freeze_positions(encoder)
+    return encoder
+
+
+def freeze_positions(encoder) -> None:
+    """Zero the position embeddings and stop their gradient: the encoder becomes a bag of words."""
+    weight = getattr(encoder, "text_model", encoder).embeddings.position_embedding.weight  # transformers 4 nests it
+    with torch.no_grad():
+        weight.zero_()
+    weight.requires_grad_(False)
+
+
+def build_unet(
+    image_size: int = 32,
+    packing: int = 2,
+    block_out_channels: Sequence[int] = (32, 64),
+    layers_per_block: int = 1,
+    text_dim: int = 64,
+    heads: int = 4,
+    norm_num_groups: int = 16,
+    seed: int = 0,
+):
+    """A ``UNet2DConditionModel`` on packed pixels, with cross-attention in every block."""
+    from diffusers import UNet2DConditionModel
+
+    if image_size % (packing * 2 ** (len(block_out_channels) - 1)):
+        raise ValueError(
+            f"image_size={image_size} must be divisible by packing ({packing}) x 2^(blocks-1) "
+            f"for {len(block_out_channels)} blocks"
+        )
+    torch.manual_seed(seed)
+    channels = 3 * packing * packing
+    n = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=image_size // packing,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n,
+        up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=text_dim,
+        attention_head_dim=heads,  # diffusers' legacy name: this is the number of heads
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def build_scheduler(num_train_timesteps: int = 1000):
+    """DDIM with a cosine noise schedule and v-prediction (stable at the pure-noise first step)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+    )
+
+
+def build_pipeline(
+    *,
+    words: Sequence[str] = SHAPES_WORDS,
+    max_length: int = 16,
+    image_size: int = 32,
+    packing: int = 2,
+    block_out_channels: Sequence[int] = (32, 64),
+    layers_per_block: int = 1,
+    text_dim: int = 64,
+    heads: int = 4,
+    norm_num_groups: int = 16,
+    positions: bool = False,
+    seed: int = 0,
+):
+    """A random-weight ``StableDiffusionPipeline`` with ``vae=None`` (pixel space)."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = build_tokenizer(words, max_length)
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=build_text_encoder(tokenizer, text_dim, positions, seed),
+        tokenizer=tokenizer,
+        unet=build_unet(image_size, packing, block_out_channels, layers_per_block, text_dim, heads, norm_num_groups, seed),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, out_dir: str | Path, keep: Sequence[str] = ("MODEL_CARD.md",)) -> Path:
+    """``save_pretrained`` (safetensors) into a temp folder, then swap it in: never a half-written model.
+
+    Files named in ``keep`` that the old folder has (its model card) are carried over.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for name in keep:
+        if (out_dir / name).is_file():
+            shutil.copy2(out_dir / name, tmp / name)
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,73 @@
+"""Pixel-space (VAE-less) pipelines through the generator: the same loading and labelling path as SD."""
+import numpy as np
+import pytest
+import torch
+
+from dsdiff.data.classes import SHAPES_CLASSES
+from dsdiff.data.shapes import ShapesDataset
+from dsdiff.diffusion import SyntheticGenerator, load_pipeline
+from dsdiff.diffusion.pixels import latents_to_images, pack, packing_factor, unpack
+from dsdiff.diffusion.real_images import attention_on_images
+from dsdiff.t2i.scoring import world_records
+
+PROMPTS = ["a ball and a leaf; ball leaf", "a ring"]
+
+
+@pytest.fixture(scope="module")
+def gen(pixel_pipeline_dir):
+    return SyntheticGenerator.from_pretrained(pixel_pipeline_dir, SHAPES_CLASSES, device="cpu",
+                                              num_inference_steps=3, self_res=16)
+
+
+def test_pack_unpack_roundtrip_and_factor_from_channels():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    packed = pack(x, 2)
+    assert packed.shape == (2, 12, 16, 16) and torch.equal(unpack(packed, 2), x)
+    assert [packing_factor(c) for c in (3, 12, 27)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="in_channels=4: add its VAE"):
+        packing_factor(4)
+    with pytest.raises(ValueError, match="not a multiple of the packing factor 2"):
+        pack(torch.zeros(1, 3, 31, 31), 2)
+
+
+def test_saved_pixel_pipeline_loads_without_a_vae_and_labels_images(gen):
+    assert gen.pipe.vae is None and (gen.height, gen.width) == (32, 32)
+    samples = gen(PROMPTS, seeds=[0, 1])
+    assert [s.class_ids for s in samples] == [[1, 3], [5]]
+    for s in samples:
+        assert s.image.shape == (32, 32, 3) and s.image.dtype == np.uint8
+        assert s.label.shape == (32, 32) and set(np.unique(s.label)) <= {0, 255, *s.class_ids}
+        assert s.class_maps.shape == (len(s.class_ids), 32, 32) and 0 <= s.class_maps.min() <= s.class_maps.max() <= 1
+        assert s.image.std() > 5  # an image, not a blank: the latents were unpacked to pixels
+
+
+def test_images_equal_the_plain_pipeline_latents_unpacked(gen, pixel_pipeline_dir):
+    plain = load_pipeline(pixel_pipeline_dir, dtype=torch.float32)
+    plain.set_progress_bar_config(disable=True)
+    latents = plain(PROMPTS[0], num_inference_steps=3, guidance_scale=7.5, height=128, width=128,
+                    output_type="latent", generator=torch.Generator("cpu").manual_seed(5)).images
+    assert latents.shape == (1, 12, 16, 16)
+    expected = latents_to_images(latents, 2)[0].numpy()
+    ours = gen(PROMPTS[:1], seeds=[5])[0].image
+    assert np.abs(ours.astype(float) - expected * 255).max() <= 0.51
+
+
+def test_image_size_must_be_a_multiple_of_the_packing(gen):
+    with pytest.raises(ValueError, match="multiple of this pipeline's latent factor 2"):
+        gen(PROMPTS[:1], seeds=[0], height=31, width=31)
+
+
+def test_attention_on_real_images(gen):
+    world = ShapesDataset("test", size=4)
+    images = np.stack([world.render(i)[0] for i in range(4)])
+    records = world_records(world, range(4))
+    a = attention_on_images(gen, images, records, [100, 400], seed=3, return_attention=True)
+    b = attention_on_images(gen, images, records, [100, 400], seed=3)
+    for i, (s, r) in enumerate(zip(a, records)):
+        assert s.class_ids == r.class_ids == sorted(o.label for o in world.layout(i))
+        assert np.array_equal(s.image, images[i]) and s.label.shape == (32, 32)
+        assert set(np.unique(s.label)) <= {0, 255, *s.class_ids}
+        assert s.attention["self"].shape == (256, 256) and s.attention["cross"].shape[1:] == (16, 16)
+        assert np.array_equal(s.label, b[i].label)
+    with pytest.raises(ValueError, match=r"uint8 \(B, H, W, 3\)"):
+        attention_on_images(gen, images.astype(np.float32), records, [100])
