@@ -40,8 +40,15 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def prompt_records(prompts: str | Path | None, class_names: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[PromptRecord]:
-    """Records from a prompts JSONL (``python -m dsdiff.prompts``), or one class-only template per class."""
+def prompt_records(prompts: str | Path | None, class_names: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                   max_classes: int = 1) -> list[PromptRecord]:
+    """Records from a prompts JSONL (``python -m dsdiff.prompts``), or class-only templates.
+
+    Templates name one class each, then (``max_classes`` >= 2) every ordered pair of distinct
+    classes, and so on: ``"a photo of a dog and a cat"``.
+    """
+    from itertools import permutations
+
     from dsdiff.data.classes import class_words
 
     if prompts:
@@ -55,10 +62,14 @@ def prompt_records(prompts: str | Path | None, class_names: Sequence[str], templ
         if bad:
             raise ValueError(f"prompts file {path} uses class ids {bad} outside this {len(class_names)}-class list: was it made for another dataset?")
         return records
-    return [
-        PromptRecord(f"class_{c}", template_prompt([class_words(class_names[c])], template), [c], [class_words(class_names[c])])
-        for c in range(1, len(class_names))
-    ]
+    if max_classes < 1:
+        raise ValueError(f"synthetic.max_classes_per_prompt={max_classes}: use 1 or more")
+    records = []
+    for k in range(1, max_classes + 1):
+        for ids in permutations(range(1, len(class_names)), k):
+            words = [class_words(class_names[c]) for c in ids]
+            records.append(PromptRecord("class_" + "_".join(map(str, ids)), template_prompt(words, template), list(ids), words))
+    return records
 
 
 def records_digest(records: Sequence[PromptRecord]) -> str:
@@ -75,7 +86,8 @@ def dataset_config(generator: Mapping, synthetic: Mapping, class_names: Sequence
         "dtype": generator.get("dtype", "auto"),
         "seed": int(synthetic["seed"]),
         "prompts": {"file": str(synthetic.get("prompts")) if synthetic.get("prompts") else None,
-                    "template": synthetic.get("template"), "records": len(records), "digest": records_digest(records)},
+                    "template": synthetic.get("template"), "max_classes": synthetic.get("max_classes_per_prompt", 1),
+                    "records": len(records), "digest": records_digest(records)},
         "image_format": synthetic.get("image_format", "png"),
         "filters": _plain(synthetic.get("filters", {})),
     }
@@ -217,7 +229,8 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     if synthetic.get("export") not in (None, "voc"):
         raise ValueError(f"synthetic.export={synthetic.export!r}: the only layout is 'voc' (or null)")
     class_names = get_class_list(cfg.data.class_list).classes
-    records = prompt_records(synthetic.get("prompts"), class_names, synthetic.get("template") or DEFAULT_TEMPLATE)
+    records = prompt_records(synthetic.get("prompts"), class_names, synthetic.get("template") or DEFAULT_TEMPLATE,
+                             synthetic.get("max_classes_per_prompt", 1))
     config = dataset_config(generator, synthetic, class_names, records)
     store = SyntheticStore(synthetic.dir)
     if not synthetic.get("overwrite"):

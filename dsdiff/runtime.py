@@ -34,8 +34,12 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     return _instantiate_group(cfg, "callback")
 
 
-def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[Logger]:
-    """Loggers from config; W&B is kept offline unless WANDB_MODE says otherwise, and out of ~/."""
+def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, stage: str | None = None) -> list[Logger]:
+    """Loggers from config; W&B is kept offline unless WANDB_MODE says otherwise, and out of ~/.
+
+    ``stage`` (a later stage of the chain, e.g. ``selftrain_1``) gives each stage its own W&B run
+    (named ``<name>-<stage>``, grouped by run dir) and its own CSV version folder.
+    """
     if cfg and any("WandbLogger" in str(node.get("_target_", "")) for node in cfg.values() if node):
         os.environ.setdefault("WANDB_MODE", "offline")
         for var, sub in _WANDB_DIRS.items():
@@ -43,7 +47,20 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path) -> list[
                 path = Path(output_dir) / sub
                 path.mkdir(parents=True, exist_ok=True)
                 os.environ[var] = str(path)
-    return _instantiate_group(cfg, "logger")
+    if stage is None:
+        return _instantiate_group(cfg, "logger")
+    loggers = []
+    for node in (cfg or {}).values():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        target = str(node._target_)
+        extra: dict[str, Any] = {}
+        if "WandbLogger" in target:
+            extra = {"name": f"{node.get('name')}-{stage}", "group": Path(output_dir).name, "job_type": stage}
+        elif "CSVLogger" in target or "TensorBoardLogger" in target:
+            extra = {"version": stage}
+        loggers.append(hydra.utils.instantiate(node, **extra))
+    return loggers
 
 
 def log_config(cfg: DictConfig, loggers: list[Logger]) -> None:

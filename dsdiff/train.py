@@ -1,14 +1,31 @@
-"""`python -m dsdiff.train +experiment=NAME`: train a segmenter, then test it (plain and TTA)."""
+"""`python -m dsdiff.train +experiment=NAME`: the whole method, stage by stage, resumable.
+
+With a synthetic training set (``data/train=synthetic``) the stages are::
+
+    generate      synthetic.dir: generate the dataset, or finish it (kept across runs: a cache)
+    train         <run>/checkpoints: the segmenter on the synthetic labels
+    pseudo_<r>    <run>/pseudo_<r>: its predictions on the synthetic images (self-training labels)
+    selftrain_<r> <run>/selftrain_<r>/checkpoints: a new segmenter on them, r = 1..selftrain.rounds
+    test          the final model on the real val split, plain and with TTA
+
+With real labels (``data/train=voc_real`` ...) only ``train`` and ``test`` run. ``<run>/stages.json``
+records each finished stage; ``resume=true`` (the latest run dir of this task) or ``resume=DIR``
+continues a chain there, skipping finished stages and resuming an interrupted training stage
+from its ``last.ckpt``. ``<run>/metrics.json`` holds the final ``test/mIoU`` and ``test/mIoU_tta``.
+"""
 from __future__ import annotations
 
+import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
 from dsdiff.runtime import (
@@ -22,6 +39,7 @@ from dsdiff.runtime import (
 )
 
 log = logging.getLogger("dsdiff")
+STAGES_FILE = "stages.json"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -34,51 +52,213 @@ def check_config(cfg: DictConfig) -> None:
                 f"data.train_transform.crop_size={crop} is not a multiple of the output stride {stride}: "
                 f"use e.g. {side - side % stride or stride}"
             )
+    selftrain = cfg.get("selftrain") or {}
+    if selftrain.get("mode", "replace") not in ("replace", "fill_uncertain", "confident"):
+        raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use replace, fill_uncertain or confident")
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Fit, then test the best checkpoint; returns (metrics, objects). Writes <run dir>/metrics.json."""
-    check_config(cfg)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
+def uses_synthetic(cfg: DictConfig) -> bool:
+    return str(cfg.data.get("train", {}).get("_target_", "")).endswith("synthetic_train_set")
 
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"), output_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    log_config(cfg, loggers)
 
-    metrics: dict[str, float] = {}
-    if cfg.get("train"):
-        log.info("training; checkpoints go to %s", output_dir / "checkpoints")
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        metrics.update(to_float_dict(trainer.callback_metrics))
-    if cfg.get("test"):
-        ckpt = _best_checkpoint(trainer) if cfg.get("train") else cfg.get("ckpt_path")
-        if ckpt:
-            # the checkpoint's state_dict holds the EMA weights; trainer.test(ckpt_path=...) would
-            # restore the raw weights through the EMA callback instead
-            log.info("testing weights from %s", ckpt)
-            load_weights(model, ckpt)
-            metrics["ckpt_path"] = str(ckpt)  # type: ignore[assignment]
-        trainer.test(model, datamodule=datamodule)
-        metrics.update(to_float_dict(trainer.callback_metrics))
+class Stages:
+    """``<run>/stages.json``: finished stages and what they produced (written atomically, by rank 0)."""
 
-    write_json_atomic(output_dir / "metrics.json", metrics)
-    log.info("metrics written to %s", output_dir / "metrics.json")
-    finish_loggers(loggers)
-    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+    def __init__(self, work_dir: Path) -> None:
+        self.path = work_dir / STAGES_FILE
+        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, name: str) -> dict | None:
+        return self.data.get(name)
+
+    def mark(self, name: str, info: dict[str, Any]) -> None:
+        self.data[name] = info
+        if rank_zero_only.rank == 0:
+            write_json_atomic(self.path, self.data)
+
+
+def work_dir(cfg: DictConfig) -> Path:
+    """Where this chain's stage outputs live: the run dir, or the one being resumed."""
+    resume, here = cfg.get("resume"), Path(cfg.paths.output_dir)
+    if not resume:
+        return here
+    if resume is True or str(resume).lower() == "true":
+        runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+        found = sorted((p.parent for p in runs.glob(f"*/{STAGES_FILE}") if p.parent.resolve() != here.resolve()),
+                       key=lambda p: p.stat().st_mtime)
+        if not found:
+            log.warning("resume=true: no earlier run of %s under %s; starting in %s", cfg.task_name, runs, here)
+            return here
+        log.info("resuming the chain in %s", found[-1])
+        return found[-1]
+    path = Path(str(resume)).expanduser()
+    if not (path / STAGES_FILE).is_file() and not (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"resume={path}: no {STAGES_FILE} or checkpoints/ there; pass a run dir of an earlier run, or resume=true")
+    return path
+
+
+def _checkpoints(trainer: L.Trainer) -> list[ModelCheckpoint]:
+    return [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:
     """The best checkpoint by a monitored metric, else the latest one saved."""
-    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    for callback in sorted(checkpoints, key=lambda c: c.monitor is None):
+    for callback in sorted(_checkpoints(trainer), key=lambda c: c.monitor is None):
         if callback.best_model_path:
             return callback.best_model_path
     return None
+
+
+def _trainer(cfg: DictConfig, root: Path, loggers: list, callbacks: list | None = None) -> L.Trainer:
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) if callbacks is None else callbacks
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = str(root / "checkpoints")
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(root))
+
+
+def fit_stage(cfg: DictConfig, name: str, root: Path, work: Path, train_factory=None, ckpt_path: str | None = None,
+              images: dict[str, Path] | None = None):
+    """Train a fresh segmenter (on ``train_factory``'s data if given); returns (info, model, datamodule, trainer, loggers).
+
+    ``images`` (key -> PNG) are logged to every logger that takes images, e.g. the synthetic sample grid.
+    """
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if train_factory is not None:
+        datamodule.factories["train"] = train_factory
+    model = hydra.utils.instantiate(cfg.model)
+    loggers = instantiate_loggers(cfg.get("logger"), work, stage=None if name == "train" else name)
+    log_config(cfg, loggers)
+    for key, path in (images or {}).items():
+        for logger in loggers:
+            if hasattr(logger, "log_image") and Path(path).is_file():
+                logger.log_image(key=key, images=[str(path)])
+    trainer = _trainer(cfg, root, loggers)
+    last = root / "checkpoints" / "last.ckpt"
+    ckpt_path = ckpt_path or (str(last) if last.is_file() else None)
+    if ckpt_path:
+        log.info("stage %s: resuming training from %s", name, ckpt_path)
+    log.info("stage %s: training; checkpoints go to %s", name, root / "checkpoints")
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    info = {"checkpoint": _best_checkpoint(trainer), "metrics": to_float_dict(trainer.callback_metrics)}
+    return info, model, datamodule, trainer, loggers
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run (or resume) the chain; returns (metrics, objects) and writes <run dir>/metrics.json."""
+    check_config(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    work = work_dir(cfg)
+    stages = Stages(work)
+    synthetic = uses_synthetic(cfg)
+    metrics: dict[str, Any] = {}
+    model = datamodule = trainer = None
+    loggers: list = []
+    class_list = cfg.data.get("class_list")
+
+    if cfg.get("train") and synthetic and cfg.synthetic.get("mode", "cached") == "cached":
+        _generate_stage(cfg, stages)
+
+    checkpoint = (stages.get("train") or {}).get("checkpoint")
+    if cfg.get("train") and not stages.get("train"):
+        grid = {"synthetic/samples": Path(cfg.synthetic.dir) / "grid.png"} if synthetic else None
+        info, model, datamodule, trainer, loggers = fit_stage(cfg, "train", work, work, ckpt_path=cfg.get("ckpt_path"), images=grid)
+        metrics.update(info["metrics"])
+        checkpoint = info["checkpoint"]
+        stages.mark("train", info)
+    elif stages.get("train"):
+        log.info("stage train: done in an earlier run (%s)", checkpoint)
+
+    rounds = int((cfg.get("selftrain") or {}).get("rounds", 0)) if synthetic and cfg.get("train") else 0
+    source = Path(cfg.synthetic.dir)
+    for r in range(1, rounds + 1):
+        pseudo_dir = work / f"pseudo_{r}"
+        if not stages.get(f"pseudo_{r}"):
+            finish_loggers(loggers)
+            loggers = []
+            summary = _pseudo_stage(cfg, checkpoint, source, pseudo_dir, model)
+            stages.mark(f"pseudo_{r}", summary)
+        source = pseudo_dir
+        name = f"selftrain_{r}"
+        if stages.get(name):
+            checkpoint = stages.get(name)["checkpoint"]
+            log.info("stage %s: done in an earlier run (%s)", name, checkpoint)
+            continue
+        finish_loggers(loggers)
+        factory = partial(_synthetic_dataset, root=str(pseudo_dir), class_list=class_list)
+        info, model, datamodule, trainer, loggers = fit_stage(cfg, name, work / name, work, train_factory=factory)
+        metrics.update({f"{name}/{k}": v for k, v in info["metrics"].items()})
+        checkpoint = info["checkpoint"]
+        stages.mark(name, info)
+
+    if cfg.get("test"):
+        ckpt = checkpoint if cfg.get("train") else cfg.get("ckpt_path")
+        if trainer is None or model is None:
+            finish_loggers(loggers)
+            loggers = instantiate_loggers(cfg.get("logger"), work, stage="test" if synthetic else None)
+            datamodule = hydra.utils.instantiate(cfg.data)
+            model = hydra.utils.instantiate(cfg.model)
+            trainer = _trainer(cfg, work, loggers, callbacks=[])
+        if ckpt:
+            # the checkpoint's state_dict holds the EMA weights; trainer.test(ckpt_path=...) would
+            # restore the raw weights through the EMA callback instead
+            log.info("stage test: weights from %s", ckpt)
+            load_weights(model, ckpt)
+            metrics["ckpt_path"] = str(ckpt)
+        trainer.test(model, datamodule=datamodule)
+        metrics.update(to_float_dict(trainer.callback_metrics))
+        stages.mark("test", {"checkpoint": ckpt, "metrics": to_float_dict(trainer.callback_metrics)})
+
+    for out in {work, Path(cfg.paths.output_dir)}:
+        write_json_atomic(out / "metrics.json", metrics)
+    log.info("metrics written to %s", work / "metrics.json")
+    finish_loggers(loggers)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "work_dir": work}
+
+
+def _synthetic_dataset(root: str, class_list: str | None, transform=None):
+    from dsdiff.data.synthetic import SyntheticDataset
+
+    return SyntheticDataset(root, transform=transform, class_list=class_list)
+
+
+def _generate_stage(cfg: DictConfig, stages: Stages) -> None:
+    """Generate the synthetic dataset unless a finished generate stage already covers this folder and size."""
+    from dsdiff.data.synthetic import SyntheticStore
+    from dsdiff.generation import generate
+
+    done = stages.get("generate") or {}
+    store = SyntheticStore(cfg.synthetic.dir)
+    if done.get("dir") == str(store.root) and done.get("num_images") == cfg.synthetic.num_images and store.config_path.is_file():
+        log.info("stage generate: done in an earlier run (%s)", store.root)
+        return
+    log.info("stage generate: %d images into %s (resuming what is there)", cfg.synthetic.num_images, store.root)
+    summary = generate(cfg)
+    stages.mark("generate", {**summary, "num_images": int(cfg.synthetic.num_images)})
+
+
+def _pseudo_stage(cfg: DictConfig, checkpoint: str | None, source: Path, out: Path, trained=None) -> dict:
+    """Label ``source``'s images with the segmenter of ``checkpoint`` (else the model just trained) into ``out``."""
+    from dsdiff.selftrain import pseudo_label
+
+    selftrain = cfg.selftrain
+    if checkpoint:
+        model = hydra.utils.instantiate(cfg.model)
+        load_weights(model, checkpoint)
+    elif trained is not None:  # e.g. fast_dev_run, which saves no checkpoint
+        model = trained
+    else:
+        raise RuntimeError("self-training needs the trained model's checkpoint, and the train stage saved none: "
+                           "keep the model_checkpoint callback, or set selftrain.rounds=0")
+    log.info("stage %s: pseudo-labels (%s%s) from %s into %s", out.name, selftrain.mode, ", TTA" if selftrain.tta else "",
+             checkpoint or "the model in memory", out)
+
+    def make_trainer(callbacks):
+        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(out))
+
+    return pseudo_label(model, source, out, make_trainer, mode=selftrain.mode, threshold=selftrain.threshold,
+                        tta=bool(selftrain.tta), checkpoint=str(checkpoint), batch_size=selftrain.get("batch_size", 8))
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -12,7 +12,7 @@ from dsdiff.evaluate import evaluate
 from dsdiff.train import train
 
 
-@pytest.mark.parametrize("experiment,root_key", [("voc_deeplab", "voc"), ("coco_deeplab", "coco")])
+@pytest.mark.parametrize("experiment,root_key", [("voc_real", "voc"), ("coco_real", "coco")])
 def test_fast_dev_run_writes_metrics(make_cfg, tmp_path, request, experiment, root_key):
     root = request.getfixturevalue(f"{root_key}_root")
     cfg = make_cfg([f"+experiment={experiment}", "debug=fdr", f"paths.{root_key}={root}"])
@@ -34,7 +34,7 @@ def _run(module, *args, cwd):
 
 def test_cli_trains_checkpoints_and_evaluate_reads_them(voc_root, tmp_path, make_cfg):
     run_dir = tmp_path / "run"
-    _run("dsdiff.train", "+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    _run("dsdiff.train", "+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "last.ckpt").is_file()
     best = [p for p in ckpts.glob("step_*.ckpt")]
@@ -47,7 +47,7 @@ def test_cli_trains_checkpoints_and_evaluate_reads_them(voc_root, tmp_path, make
     assert "current_model_state" in state
 
     eval_dir = tmp_path / "eval"
-    proc = _run("dsdiff.evaluate", f"ckpt_path={best[0]}", "+experiment=voc_deeplab", "debug=fast",
+    proc = _run("dsdiff.evaluate", f"ckpt_path={best[0]}", "+experiment=voc_real", "debug=fast",
                 f"paths.voc={voc_root}", f"hydra.run.dir={eval_dir}", cwd=tmp_path)
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     # same weights, same data, same limit on test batches: the same numbers as the training run's test
@@ -57,11 +57,11 @@ def test_cli_trains_checkpoints_and_evaluate_reads_them(voc_root, tmp_path, make
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(voc_root, make_cfg, tmp_path):
-    first = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", "test=false"], output_dir=tmp_path / "a")
+    first = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "test=false"], output_dir=tmp_path / "a")
     _, objects = train(first)
     assert objects["trainer"].global_step == 10
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    resumed = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", "test=false",
+    resumed = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "test=false",
                         f"ckpt_path={last}", "trainer.max_steps=14"], output_dir=tmp_path / "b")
     _, objects = train(resumed)
     assert objects["trainer"].global_step == 14
@@ -71,19 +71,19 @@ def test_resume_from_last_checkpoint_continues_the_step_count(voc_root, make_cfg
 
 
 def test_missing_dataset_root_names_the_key(make_cfg, tmp_path):
-    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={tmp_path / 'nowhere'}"])
+    cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={tmp_path / 'nowhere'}"])
     with pytest.raises(Exception, match="paths.voc"):
         train(cfg)
 
 
 def test_crop_not_divisible_by_stride_is_refused(make_cfg, voc_root):
-    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", "data.train_transform.crop_size=60"])
+    cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "data.train_transform.crop_size=60"])
     with pytest.raises(ValueError, match="not a multiple of the output stride 8"):
         train(cfg)
 
 
 def test_num_classes_mismatch_is_refused(make_cfg, voc_root):
-    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", "model.net.num_classes=19"])
+    cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "model.net.num_classes=19"])
     with pytest.raises(Exception, match="predicts 19 classes but the class list has 21"):
         train(cfg)
 
@@ -105,7 +105,7 @@ def test_wandb_logs_offline_inside_the_run_dir(voc_root, make_cfg, tmp_path, mon
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("WANDB_MODE", "offline")
     for n, out in enumerate(("run1", "run2")):  # two runs in one process, like a multirun
-        cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", "logger=wandb",
+        cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "logger=wandb",
                         "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false"], output_dir=tmp_path / out)
         train(cfg)
         runs = list((tmp_path / out / "wandb").glob("offline-run-*"))

@@ -53,7 +53,8 @@ class OnTheFlySynthetic(IterableDataset):
         self.classes = tuple(class_names)
         self.num_classes = len(self.classes)
         self.transform = transform
-        self.records = prompt_records(self.synthetic.get("prompts"), self.classes, self.synthetic.get("template") or "a photo of {}")
+        self.records = prompt_records(self.synthetic.get("prompts"), self.classes, self.synthetic.get("template") or "a photo of {}",
+                                      self.synthetic.get("max_classes_per_prompt", 1))
         self.seed = int(self.synthetic.get("seed", 0))
         self.batch_size = int(self.generator_cfg.get("batch_size", 1))
         self.filters = self.synthetic.get("filters") or {}

@@ -162,8 +162,7 @@ class SyntheticStore:
             log.warning("synthetic.overwrite=true: deleting the synthetic dataset at %s", self.root)
             shutil.rmtree(self.root)
         self.check_config(config)
-        for sub in ("images", "masks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         if clean_tmp:
             stale = [p for sub in ("", "images", "masks", "attention") for p in (self.root / sub).glob(".*.tmp*")]
             for p in stale:
@@ -239,10 +238,19 @@ class SyntheticStore:
             np.savez_compressed(tmp, class_maps=np.asarray(class_maps, dtype=np.float16))
             os.replace(tmp, att)
             entry["attention"] = f"attention/{sid}.npz"
+        return self._finish(entry, label, tag)
+
+    def write_label(self, sid: str, label: np.ndarray, metadata: Mapping[str, Any], *, image: str | Path, tag: str = "rank0") -> dict:
+        """A new label map for an image that lives elsewhere (``image``: an absolute path), e.g. a pseudo-label."""
+        mask_rel = f"masks/{sid}.png"
+        save_label_png(label, self.root / mask_rel)
+        return self._finish({**dict(metadata), "id": sid, "image": str(Path(image).resolve()), "mask": mask_rel}, label, tag)
+
+    def _finish(self, entry: dict, label: np.ndarray, tag: str) -> dict:
         label = np.asarray(label)
         entry["foreground"] = round(float(((label != 0) & (label != IGNORE_INDEX)).mean()), 4)
         entry["uncertain"] = round(float((label == IGNORE_INDEX).mean()), 4)
-        self._append(MANIFEST, tag, entry)
+        self._append(MANIFEST, tag, entry)  # last: the sample is done once this line is written
         return entry
 
     def write_dropped(self, sid: str, reason: str, metadata: Mapping[str, Any], *, tag: str = "rank0") -> None:
