@@ -19,14 +19,6 @@ CHAIN = ["+experiment=voc_deeplab", "debug=fast", "synthetic.num_images=4", "gen
          "generator.batch_size=2", "synthetic.filters.drop_empty=false", "trainer.max_steps=4", "trainer.val_check_interval=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("chain_sd") / "pipeline")

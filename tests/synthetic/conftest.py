@@ -5,21 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dsdiff.diffusion.testing import save_tiny_pipeline
 
 # 32px images (16x16 latent): attention at 16x16 and 8x8
 GEN_ARGS = ["generator.num_inference_steps=2", "generator.cross_res=8", "generator.self_res=16", "generator.alpha=0.55",
             "generator.beta=0.45", "synthetic.filters.drop_empty=false"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
