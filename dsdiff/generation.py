@@ -32,7 +32,7 @@ log = logging.getLogger("dsdiff")
 # generator settings that change what is generated (batch size, device and dtype="auto" do not)
 GENERATOR_KEYS = (
     "model", "scheduler", "num_inference_steps", "guidance_scale", "negative_prompt", "height", "width",
-    "cross_res", "self_res", "tau", "alpha", "beta", "window",
+    "cross_res", "self_res", "tau", "alpha", "beta", "window", "class_prompt",
 )
 
 
@@ -157,7 +157,7 @@ class GenerationModule(L.LightningModule):
 
         g = self.generator_cfg
         kwargs = {k: g[k] for k in ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width",
-                                    "cross_res", "self_res", "tau", "alpha", "beta") if g.get(k) is not None}
+                                    "cross_res", "self_res", "tau", "alpha", "beta", "class_prompt") if g.get(k) is not None}
         if g.get("window") is not None:
             kwargs["window"] = tuple(g["window"])
         return SyntheticGenerator.from_pretrained(

@@ -51,9 +51,10 @@ class AttentionStore:
         self.cross_count = 0
         self.self_count = 0
 
-    def reset(self, class_embeds: torch.Tensor) -> None:
-        """Start a batch: class-prompt embeddings (B, L, D) from the text encoder."""
-        self.batch_size = class_embeds.shape[0]
+    def reset(self, class_embeds: torch.Tensor | None, batch_size: int | None = None) -> None:
+        """Start a batch: class-prompt embeddings (B, L, D) from the text encoder, or None to
+        record the generation prompt's own cross-attention (then pass ``batch_size``)."""
+        self.batch_size = class_embeds.shape[0] if class_embeds is not None else int(batch_size)
         self.class_embeds = class_embeds
         self.cross_sum = self.self_sum = None
         self.cross_count = self.self_count = 0
@@ -163,6 +164,9 @@ class RecordingAttnProcessor:
         q_cond = query[-b:]  # with guidance the batch is [uncond, cond]
         if self.kind == "self":
             self.store.add("self", _head_mean_probs(q_cond, key[-b:], attn.scale))
+            return
+        if self.store.class_embeds is None:  # the prompt's own tokens (ablation of the class prompt)
+            self.store.add("cross", _head_mean_probs(q_cond, key[-b:], attn.scale))
             return
         embeds = self.store.class_embeds.to(device=query.device, dtype=query.dtype)
         if attn.norm_cross:

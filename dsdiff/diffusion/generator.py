@@ -20,7 +20,7 @@ from dsdiff.data.classes import IGNORE_INDEX, class_words
 from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
 from dsdiff.diffusion.masks import attention_to_labels
 from dsdiff.diffusion.pixels import latents_to_images, packing_factor
-from dsdiff.diffusion.prompts import PromptRecord, class_token_spans, find_class_ids, fit_prompt
+from dsdiff.diffusion.prompts import PromptRecord, class_token_spans, find_class_ids, fit_prompt, prompt_token_spans
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class SyntheticGenerator:
         alpha: float = 0.6,
         beta: float = 0.5,
         window: tuple[float, float] = (0.0, 1.0),
+        class_prompt: bool = True,
     ) -> None:
         for attr in ("unet", "tokenizer", "text_encoder", "encode_prompt"):
             if getattr(pipe, attr, None) is None:
@@ -163,6 +164,7 @@ class SyntheticGenerator:
         self.height, self.width = height or default_size, width or default_size
         self.cross_res, self.self_res, self.window = cross_res, self_res, tuple(window)
         self.tau, self.alpha, self.beta = tau, alpha, beta
+        self.class_prompt = class_prompt  # False: maps from the prompt's own class-word tokens (ablation)
         self.store = AttentionStore()
         self._installed_for: tuple | None = None  # (latent size, a recorder's name, that recorder)
         for name in self.class_names[1:]:  # fail now, not mid-run, on a name the tokenizer cannot place
@@ -255,15 +257,21 @@ class SyntheticGenerator:
         if not record_steps:
             raise ValueError(f"window {self.window} holds none of {steps} steps: widen it or add steps")
         requests = self._requests(prompts)
-        class_prompts, spans = zip(*(
-            class_token_spans(self.pipe.tokenizer, [class_words(self.class_names[i]) for i in ids])
-            for _, ids, _ in requests
-        ))
-        class_embeds = self.pipe.encode_prompt(
-            prompt=list(class_prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )[0]
+        if self.class_prompt:
+            class_prompts, spans = zip(*(
+                class_token_spans(self.pipe.tokenizer, [class_words(self.class_names[i]) for i in ids])
+                for _, ids, _ in requests
+            ))
+            class_embeds = self.pipe.encode_prompt(
+                prompt=list(class_prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )[0]
+        else:
+            class_prompts = tuple(text for text, _, _ in requests)
+            spans = [prompt_token_spans(self.pipe.tokenizer, text, [class_words(self.class_names[i]) for i in ids])
+                     for text, ids, _ in requests]
+            class_embeds = None
         self._install(latent_size(self.pipe, height, width))
-        self.store.reset(class_embeds)
+        self.store.reset(class_embeds, batch_size=len(requests))
         self.store.recording = 0 in record_steps
 
         def on_step_end(pipe, i, t, callback_kwargs):
@@ -301,6 +309,7 @@ class SyntheticGenerator:
             "dtype": str(self.pipe.unet.dtype).replace("torch.", ""), "tau": self.tau, "alpha": self.alpha,
             "beta": self.beta, "cross_res": self.cross_res, "self_res": self.self_res,
             "window": list(self.window), "recorded_steps": len(record_steps),
+            "maps_from": "class_prompt" if self.class_prompt else "prompt_tokens",
         }
         nsfw = getattr(out, "nsfw_content_detected", None)
         samples = []

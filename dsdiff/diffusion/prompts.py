@@ -165,6 +165,24 @@ def class_token_spans(tokenizer, words: Sequence[str]) -> tuple[str, list[list[i
     return text, spans
 
 
+def prompt_token_spans(tokenizer, text: str, words: Sequence[str]) -> list[list[int]]:
+    """Per class word, the positions of its tokens in the encoded ``text`` itself (its last occurrence).
+
+    For the "caption tokens instead of a class prompt" ablation: the maps then come from the
+    generation prompt's own cross-attention. Raises ValueError when a word is not in the prompt.
+    """
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    spans = []
+    for w in words:
+        wid = tokenizer(w, add_special_tokens=False, verbose=False)["input_ids"]
+        starts = [i for i in range(len(ids) - len(wid), 0, -1) if ids[i : i + len(wid)] == wid]
+        if not wid or not starts:
+            raise ValueError(f"class word {w!r} is not among the tokens of the prompt {text!r}: "
+                             "name every class in the prompt, or keep generator.class_prompt=true")
+        spans.append(list(range(starts[0], starts[0] + len(wid))))
+    return spans
+
+
 # ---- captions and records --------------------------------------------------------------------
 
 def image_key(image: str | int) -> str:

@@ -170,3 +170,25 @@ def test_clear_errors(tiny_pipeline_dir, tmp_path, gen):
         gen(PROMPTS, seeds=[0])
     with pytest.raises(ValueError, match=r"class ids \[0\]"):
         gen([{"id": "b", "prompt": "x", "class_ids": [0]}], seeds=[0])
+
+
+def test_caption_tokens_instead_of_the_class_prompt(tiny_pipeline_dir, tokenizer):
+    from dsdiff.diffusion.prompts import prompt_token_spans
+
+    text = "a photo of a dog on a sofa; dog sofa"
+    ids = tokenizer(text)["input_ids"]
+    spans = prompt_token_spans(tokenizer, text, ["dog", "sofa"])
+    assert [ids[i] for i in spans[0]] == tokenizer("dog", add_special_tokens=False)["input_ids"]
+    assert spans[0][0] > ids.index(ids[spans[0][0]])  # the appended (last) occurrence
+    with pytest.raises(ValueError, match="not among the tokens"):
+        prompt_token_spans(tokenizer, "a photo of a dog", ["sofa"])
+    gen = SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, dtype="fp32", device="cpu",
+                                             num_inference_steps=2, class_prompt=False)
+    with_class = SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, dtype="fp32", device="cpu", num_inference_steps=2)
+    a = gen([PROMPTS[0]], seeds=[1], return_attention=True)[0]
+    b = with_class([PROMPTS[0]], seeds=[1], return_attention=True)[0]
+    assert np.array_equal(a.image, b.image)  # recording never changes the image
+    assert a.metadata["maps_from"] == "prompt_tokens" and b.metadata["maps_from"] == "class_prompt"
+    assert a.class_ids == b.class_ids
+    assert a.attention["cross"].shape == b.attention["cross"].shape
+    assert not np.allclose(a.attention["cross"], b.attention["cross"])  # other keys, other maps
