@@ -20,9 +20,19 @@ def config_dir() -> Path:
     )
 
 
+def asset_path(name: str) -> str:
+    """A folder shipped inside the package (``dsdiff/assets/<name>``), e.g. the shapes world's model."""
+    path = Path(__file__).resolve().parent / "assets" / name
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped asset {name!r} at {path}: reinstall dsdiff, or rebuild it (`make pretrain`)")
+    return str(path)
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("classes"):
         OmegaConf.register_new_resolver("classes", lambda name: list(get_class_list(name).classes))
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", asset_path)
 
 
 _register_resolvers()

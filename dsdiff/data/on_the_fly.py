@@ -146,7 +146,7 @@ def synthetic_train_set(synthetic: Mapping, generator: Mapping, class_list: str,
     synthetic = dict(_plain(synthetic))
     mode = synthetic.get("mode", "cached")
     if mode == "cached":
-        return SyntheticDataset(synthetic["dir"], transform=transform, class_list=class_list)
+        return SyntheticDataset(synthetic["dir"], transform=transform, class_list=class_list, max_samples=synthetic.get("num_images"))
     if mode == "on_the_fly":
         return OnTheFlySynthetic(generator, synthetic, get_class_list(class_list).classes, transform=transform)
     raise ValueError(f"synthetic.mode={mode!r}: use 'cached' (read synthetic.dir) or 'on_the_fly'")

@@ -281,12 +281,14 @@ class SyntheticStore:
 class SyntheticDataset(Dataset):
     """A synthetic folder as a segmentation Dataset: ``{"image", "mask", "name"}`` like the VOC reader.
 
+    ``max_samples`` keeps samples ``0..max_samples-1`` (``synthetic.num_images`` in training).
     Entries whose files are missing are left out when the dataset opens (with a count); a file
     that fails to decode while training is reported with its path and replaced by the next good
     sample, so an epoch never stops halfway.
     """
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, class_list: str | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable | None = None, class_list: str | None = None,
+                 max_samples: int | None = None) -> None:
         self.store = SyntheticStore(root)
         self.root = self.store.root
         self.transform = transform
@@ -302,6 +304,8 @@ class SyntheticDataset(Dataset):
         self.classes = tuple(names)
         self.num_classes = len(self.classes)
         entries = self.store.entries()
+        if max_samples is not None:  # samples 0..max_samples-1 (a folder extended for a larger run holds more)
+            entries = [e for e in entries if not e["id"].isdigit() or int(e["id"]) < max_samples]
         self.entries = [e for e in entries if (self.root / e["image"]).is_file() and (self.root / e["mask"]).is_file()]
         missing = len(entries) - len(self.entries)
         if missing:

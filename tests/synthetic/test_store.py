@@ -159,3 +159,11 @@ def test_filters():
     assert filter_reason(label) is None
     assert filter_reason(label, max_uncertain=0.4) == "too_uncertain"
     assert filter_reason(label, max_uncertain=0.6) is None
+
+
+def test_max_samples_reads_the_first_n_of_an_extended_folder(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(6))
+    assert SyntheticDataset(store.root, max_samples=4).ids == ["0000000", "0000001", "0000002", "0000003"]
+    assert len(SyntheticDataset(store.root)) == 6
