@@ -8,6 +8,7 @@ loads like Stable Diffusion, with ``training.json`` (steps, minutes, command) be
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from dsdiff.config import config_dir
 from dsdiff.runtime import (
     instantiate_callbacks,
     instantiate_loggers,
-    load_weights,
     log_config,
     to_float_dict,
     write_json_atomic,
@@ -71,19 +71,21 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     else:
         if ckpt is None:
             raise FileNotFoundError(f"train=false needs a checkpoint: none at {output_dir}/checkpoints/last.ckpt; pass ckpt_path=")
-        load_weights(model, ckpt)  # the checkpoint's state_dict holds the EMA weights
         import torch
 
-        steps = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
-        model.on_load_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["state_dict"])  # the EMA weights (WeightAveraging saves them there)
+        model.on_load_checkpoint(checkpoint)
+        steps = int(checkpoint["global_step"])
 
     export_dir = Path(cfg.export_dir)
     from dsdiff.t2i.model import save_pipeline
 
     save_pipeline(model.to_pipeline(), export_dir)
     metrics.update({"steps": steps, "train_minutes": round(model.train_seconds / 60, 2), "export_dir": str(export_dir)})
+    command = "python -m dsdiff.pretrain " + " ".join(cfg.get("overrides", []))
     write_json_atomic(export_dir / "training.json", {
-        **metrics, "command": "python -m dsdiff.pretrain " + " ".join(cfg.get("overrides", [])),
+        **metrics, **({"command": command} if cfg.get("train") else {"exported_by": command, "checkpoint": os.path.relpath(ckpt)}),
         "seed": cfg.get("seed"), "batch_size": cfg.data.batch_size, "ema_decay": cfg.get("ema_decay"),
         "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     })

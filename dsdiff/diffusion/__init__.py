@@ -9,6 +9,7 @@ import importlib
 _EXPORTS = {
     "generator": ("Sample", "SyntheticGenerator", "load_pipeline", "resolve_dtype", "set_scheduler"),
     "masks": ("attention_to_labels", "refine"),
+    "real_images": ("attention_on_images",),
     "prompts": (
         "PromptRecord", "build_records", "class_prompt", "class_token_spans", "find_class_ids", "fit_prompt",
         "load_captions", "prompt_with_classes", "read_jsonl", "template_prompt", "write_jsonl",
