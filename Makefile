@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install dsdiff with its dev extras (about 2 min, 6 GB: CUDA torch)
 
 demo: $(STAMP)  ## install if needed, then run the main job on the built-in shapes world (CPU, offline)
-	$(BIN)/python -m dsdiff.train +experiment=shapes_real
+	$(BIN)/python -m dsdiff.train +experiment=shapes_deeplab
 
 test: $(STAMP)  ## the fast test suite
 	$(BIN)/python -m pytest -q

@@ -119,3 +119,17 @@ def test_selftrain_modes():
     assert combine(pred, conf, current, "confident", 0.9).tolist() == [[1, 255], [3, 255]]
     with pytest.raises(ValueError, match="selftrain.mode"):
         combine(pred, conf, current, "bogus")
+
+
+def test_shapes_deeplab_runs_the_whole_method_offline(make_cfg, tmp_path):
+    """The README's main job, reduced: the shipped tiny model generates, a segmenter trains, self-trains, tests."""
+    cfg = make_cfg(["+experiment=shapes_deeplab", "synthetic.num_images=24", f"synthetic.dir={tmp_path / 'syn'}",
+                    "generator.num_inference_steps=8", "max_steps=6", "val_every=3", "data.val.size=10", "data.test.size=20",
+                    "callbacks.val_panel.num_images=2"], output_dir=tmp_path / "run")
+    metrics, _ = train(cfg)
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    assert set(stages) == {"generate", "train", "pseudo_1", "selftrain_1", "test"}
+    assert stages["generate"]["samples"] + stages["generate"]["dropped"] == 24
+    assert stages["generate"]["mean_foreground"] > 0.02  # the attention found objects
+    assert 0 <= metrics["test/mIoU"] <= 1 and 0 <= metrics["test/mIoU_tta"] <= 1
+    assert (tmp_path / "syn" / "grid.png").is_file()
