@@ -36,7 +36,8 @@ GENERATOR_KEYS = (
 )
 
 
-def _plain(cfg: Any) -> Any:
+def to_plain(cfg: Any) -> Any:
+    """A resolved plain container for a DictConfig; anything else as it is."""
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
@@ -79,7 +80,7 @@ def records_digest(records: Sequence[PromptRecord]) -> str:
 
 def dataset_config(generator: Mapping, synthetic: Mapping, class_names: Sequence[str], records: Sequence[PromptRecord]) -> dict:
     """What ``dataset.json`` records: everything that decides the samples, nothing that does not."""
-    generator, synthetic = _plain(generator), _plain(synthetic)
+    generator, synthetic = to_plain(generator), to_plain(synthetic)
     return {
         "class_names": list(class_names),
         "generator": {k: generator.get(k) for k in GENERATOR_KEYS},
@@ -89,7 +90,7 @@ def dataset_config(generator: Mapping, synthetic: Mapping, class_names: Sequence
                     "template": synthetic.get("template"), "max_classes": synthetic.get("max_classes_per_prompt", 1),
                     "records": len(records), "digest": records_digest(records)},
         "image_format": synthetic.get("image_format", "png"),
-        "filters": _plain(synthetic.get("filters", {})),
+        "filters": to_plain(synthetic.get("filters", {})),
     }
 
 
@@ -147,7 +148,7 @@ class GenerationModule(L.LightningModule):
 
     def __init__(self, generator: Mapping, class_names: Sequence[str], return_attention: bool = False) -> None:
         super().__init__()
-        self.generator_cfg = dict(_plain(generator))
+        self.generator_cfg = dict(to_plain(generator))
         self.class_names = list(class_names)
         self.return_attention = return_attention
         self.generator = None

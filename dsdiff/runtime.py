@@ -95,14 +95,19 @@ def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON through a temp file and rename, so a reader never sees half a file."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write text through a temp file and rename, so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON atomically (see :func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:

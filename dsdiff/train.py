@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
+from dsdiff.data.synthetic import SyntheticDataset
 from dsdiff.runtime import (
     finish_loggers,
     instantiate_callbacks,
@@ -186,7 +187,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             log.info("stage %s: done in an earlier run (%s)", name, checkpoint)
             continue
         finish_loggers(loggers)
-        factory = partial(_synthetic_dataset, root=str(pseudo_dir), class_list=class_list)
+        factory = partial(SyntheticDataset, root=str(pseudo_dir), class_list=class_list)
         info, model, datamodule, trainer, loggers = fit_stage(cfg, name, work / name, work, train_factory=factory)
         metrics.update({f"{name}/{k}": v for k, v in info["metrics"].items()})
         checkpoint = info["checkpoint"]
@@ -215,12 +216,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("metrics written to %s", work / "metrics.json")
     finish_loggers(loggers)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "work_dir": work}
-
-
-def _synthetic_dataset(root: str, class_list: str | None, transform=None):
-    from dsdiff.data.synthetic import SyntheticDataset
-
-    return SyntheticDataset(root, transform=transform, class_list=class_list)
 
 
 def _generate_stage(cfg: DictConfig, stages: Stages) -> None:

@@ -21,18 +21,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dsdiff.data.classes import get_class_list
 from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore, filter_reason, sample_id
 from dsdiff.data.voc import read_label_png, read_rgb
+from dsdiff.generation import dataset_config, prompt_records, to_plain
 
 log = logging.getLogger("dsdiff")
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -47,9 +43,7 @@ class OnTheFlySynthetic(IterableDataset):
 
     def __init__(self, generator: Mapping, synthetic: Mapping, class_names, transform: Callable | None = None,
                  generator_factory: Callable[[torch.device], Any] | None = None) -> None:
-        from dsdiff.generation import dataset_config, prompt_records
-
-        self.generator_cfg, self.synthetic = dict(_plain(generator)), dict(_plain(synthetic))
+        self.generator_cfg, self.synthetic = dict(to_plain(generator)), dict(to_plain(synthetic))
         self.classes = tuple(class_names)
         self.num_classes = len(self.classes)
         self.transform = transform
@@ -143,7 +137,7 @@ class OnTheFlySynthetic(IterableDataset):
 
 def synthetic_train_set(synthetic: Mapping, generator: Mapping, class_list: str, transform: Callable | None = None):
     """The training set of ``data/train=synthetic``: the cached folder or the on-the-fly stream."""
-    synthetic = dict(_plain(synthetic))
+    synthetic = dict(to_plain(synthetic))
     mode = synthetic.get("mode", "cached")
     if mode == "cached":
         return SyntheticDataset(synthetic["dir"], transform=transform, class_list=class_list, max_samples=synthetic.get("num_images"))

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from dsdiff.data.classes import IGNORE_INDEX, flat_palette, get_class_list
 from dsdiff.data.voc import read_label_png, read_rgb
+from dsdiff.runtime import write_text_atomic
 
 log = logging.getLogger("dsdiff")
 
@@ -65,14 +66,6 @@ def save_label_png(label: np.ndarray, path: Path) -> Path:
     im = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
     im.putpalette(flat_palette())
     return save_image_atomic(im, path, format="PNG")
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def read_jsonl_lines(path: Path) -> list[dict]:
