@@ -81,16 +81,63 @@ def test_voc_missing_split_file_names_it_and_the_known_splits(voc_root):
         VOCSegmentation(voc_root, "train_aug")
 
 
-def test_voc_missing_image_or_mask_names_the_file(voc_root, voc_expected, tmp_path):
+def test_voc_missing_image_or_mask_fails_at_setup_naming_the_files(voc_root, voc_expected, tmp_path):
     root = shutil.copytree(voc_root, tmp_path / "voc")
     first, second = voc_expected["splits"]["val"][:2]
     (root / "JPEGImages" / f"{first}.jpg").unlink()
     (root / "SegmentationClass" / f"{second}.png").unlink()
-    ds = VOCSegmentation(root, "val")
-    with pytest.raises(FileNotFoundError, match=rf"missing image .*JPEGImages/{first}\.jpg"):
-        ds[0]
-    with pytest.raises(FileNotFoundError, match=rf"missing mask .*SegmentationClass/{second}\.png"):
-        ds[1]
+    with pytest.raises(FileNotFoundError, match=rf"2 files listed by .*val\.txt are missing .*JPEGImages/{first}\.jpg, "
+                       rf"SegmentationClass/{second}\.png\): add them, or remove their ids"):
+        VOCSegmentation(root, "val")
+    assert len(VOCSegmentation(root, "train")) == len(voc_expected["splits"]["train"])  # other splits are fine
+
+
+def test_voc_split_listing_many_missing_ids_shows_the_first_few(voc_root, tmp_path):
+    root = shutil.copytree(voc_root, tmp_path / "voc")
+    ids = [f"2099_{i:06d}" for i in range(8)]
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"16 files listed .*2099_000000\.jpg.*, \.\.\.\)") as err:
+        VOCSegmentation(root, "val")
+    assert "2099_000007" not in str(err.value)
+
+
+def test_voc_missing_mask_folder_is_named(voc_root, tmp_path):
+    root = shutil.copytree(voc_root, tmp_path / "voc")
+    shutil.rmtree(root / "SegmentationClass")
+    with pytest.raises(FileNotFoundError, match=r"no mask folder .*SegmentationClass for the ids in .*val\.txt"):
+        VOCSegmentation(root, "val")
+
+
+def test_voc_subset_is_a_fixed_seeded_draw_and_a_file_split_is_read_whole(voc_root, voc_expected, tmp_path):
+    train = voc_expected["splits"]["train"]
+    a = VOCSegmentation(voc_root, "train", subset=3, subset_seed=0).ids
+    assert len(a) == 3 and set(a) <= set(train) and a == [n for n in train if n in a]  # list order kept
+    assert VOCSegmentation(voc_root, "train", subset=3, subset_seed=0).ids == a
+    assert any(VOCSegmentation(voc_root, "train", subset=3, subset_seed=s).ids != a for s in range(1, 6))
+    assert VOCSegmentation(voc_root, "train", subset=300).ids == train  # shorter list: all of it
+    listed = tmp_path / "tune.txt"
+    listed.write_text("\n".join(train[:2]) + "\n")
+    assert VOCSegmentation(voc_root, str(listed)).ids == train[:2]
+    with pytest.raises(FileNotFoundError, match=r"no split file .*nope\.txt"):
+        VOCSegmentation(voc_root, str(tmp_path / "nope.txt"))
+
+
+def test_tune_split_sharing_images_with_the_test_split_is_refused(voc_root, voc_expected, tmp_path):
+    from functools import partial
+
+    from dsdiff.data.datamodule import SegDataModule
+
+    listed = tmp_path / "tune.txt"
+    listed.write_text(voc_expected["splits"]["val"][1] + "\n")
+    dm = SegDataModule(21, train=None, tune=partial(VOCSegmentation, voc_root, str(listed)),
+                       test=partial(VOCSegmentation, voc_root, "val"))
+    with pytest.raises(ValueError, match=rf"tune split shares 1 images with the test split \({voc_expected['splits']['val'][1]}\)"):
+        dm.setup("fit")
+    ok = SegDataModule(21, train=None, tune=partial(VOCSegmentation, voc_root, "train", subset=2),
+                       test=partial(VOCSegmentation, voc_root, "val"))
+    ok.setup("fit")
+    assert len(ok.val_dataloader()) == 2
+    assert SegDataModule(21, train=None, tune=None, test=None).val_dataloader() == []
 
 
 def test_voc_mask_with_unknown_class_ids_names_file_and_values(voc_root, voc_expected, tmp_path):
@@ -188,6 +235,27 @@ def test_coco_missing_annotations_says_which_setting_to_pass(tmp_path):
         COCOSegmentation(tmp_path, "val")
 
 
+def test_coco_missing_images_fail_at_setup_naming_them(tmp_path):
+    root = write_coco_folder(tmp_path / "coco", n_train=1, n_val=3)["root"]
+    victim = sorted((root / "val2017").iterdir())[1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"1 images listed in the val2017 annotations are missing .*\({victim.name}\)"):
+        COCOSegmentation(root, "val")
+    with pytest.raises(FileNotFoundError, match=rf"1 images .*{victim.name}"):
+        COCOSegmentation.prepare_data(root, "val")
+    shutil.rmtree(root / "val2017")
+    with pytest.raises(FileNotFoundError, match=r"no COCO images folder .*val2017.*pass paths\.coco="):
+        COCOSegmentation(root, "val")
+
+
+def test_coco_subset_builds_only_its_masks(coco_root, coco_expected, tmp_path):
+    cache = tmp_path / "cache"
+    ds = COCOSegmentation(coco_root, "train", cache_dir=cache, subset=2, subset_seed=0)
+    assert len(ds) == 2 and set(ds.ids) <= set(coco_expected["masks"]["train"])
+    assert {p.stem for p in cache.iterdir()} == set(ds.ids)
+    assert COCOSegmentation(coco_root, "train", cache_dir=cache, subset=2, subset_seed=0).ids == ds.ids
+
+
 # ---------------------------------------------------------------- transforms
 
 
@@ -267,6 +335,54 @@ def test_eval_transform_keeps_geometry_and_normalises():
     assert x.shape == (3, 21, 17) and torch.equal(y, mask.long())
     expected = (image.float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     assert torch.allclose(x, expected, atol=1e-5)
+
+
+def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
+    """mmseg's RandomCrop(cat_max_ratio=0.75): a 20-wide crop of a 40-wide two-class mask passes
+    when its left edge is in 6..14 (9 of 21 positions); with 10 redraws nearly every crop passes."""
+    image, mask = halves(20, 40)
+
+    def share(transform, n=200):
+        torch.manual_seed(0)
+        passed = 0
+        for _ in range(n):
+            _, y = transform(image, mask)
+            ones = (y == 1).float().mean().item()
+            passed += max(ones, 1 - ones) < 0.75
+        return passed / n
+
+    plain = TrainTransform(20, scale_range=(1.0, 1.0), hflip=False, photometric=False)
+    balanced = TrainTransform(20, scale_range=(1.0, 1.0), hflip=False, photometric=False, cat_max_ratio=0.75)
+    assert share(plain) < 0.6  # 9/21 = 0.43 expected
+    assert share(balanced) > 0.97  # 1 - (12/21)^11 = 0.998 expected
+
+
+def test_cat_max_ratio_ignores_ignored_pixels_and_gives_up_after_ten_tries():
+    from dsdiff.data.transforms import dominant_share, random_crop_box
+
+    mask = torch.full((20, 40), IGNORE_INDEX, dtype=torch.uint8)
+    mask[:, :4] = 1
+    mask[:, -4:] = 2
+    assert dominant_share(mask) == (2, 0.5)  # 255 pixels do not count
+    assert dominant_share(torch.full((4, 4), IGNORE_INDEX, dtype=torch.uint8)) == (0, 1.0)
+    # one class and 255 only: no crop can pass; the draw stops after 1 + 10 boxes
+    calls = []
+    original = torch.randint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    single = torch.full((20, 40), 1, dtype=torch.uint8)
+    single[:, 20:] = IGNORE_INDEX
+    try:
+        torch.randint = counting
+        box = random_crop_box(single, (20, 20), cat_max_ratio=0.75)
+    finally:
+        torch.randint = original
+    assert len(calls) == 2 * 11 and box[2:] == (20, 20)
+    with pytest.raises(ValueError, match="cat_max_ratio=1.5"):
+        TrainTransform(20, cat_max_ratio=1.5)
 
 
 def test_transforms_refuse_mismatched_pairs():

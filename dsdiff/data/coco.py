@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dsdiff.data.classes import COCO_CATEGORIES, COCO_CLASSES, COCO_ID_TO_TRAIN_ID, IGNORE_INDEX
-from dsdiff.data.voc import check_labels, read_label_png, read_rgb
+from dsdiff.data.voc import SHOW, check_labels, draw_subset, missing_files, read_label_png, read_rgb
 
 SPLITS = ("train", "val")
 ROOT_HINT = "pass paths.coco=<folder containing train2017/, val2017/ and annotations/>"
@@ -83,6 +83,12 @@ def load_annotations(root: Path, split: str) -> tuple[list[dict], dict[int, list
     return images, by_image
 
 
+def select_images(images: list[dict], subset: int | None, seed: int) -> list[dict]:
+    """``subset`` images drawn with ``seed`` (see ``voc.draw_subset``), in id order; all with None."""
+    keep = set(draw_subset([str(im["id"]) for im in images], subset, seed))
+    return [im for im in images if str(im["id"]) in keep]
+
+
 def default_cache_dir(root: Path, split: str) -> Path:
     return root / "dsdiff_masks" / f"{split}2017"
 
@@ -91,6 +97,18 @@ def missing_masks(images: list[dict], cache_dir: Path) -> list[dict]:
     """The images whose mask PNG is not yet in ``cache_dir``."""
     present = set(os.listdir(cache_dir)) if cache_dir.is_dir() else set()
     return [im for im in images if f"{Path(im['file_name']).stem}.png" not in present]
+
+
+def check_images(image_dir: Path, images: list[dict]) -> None:
+    """Fail, naming the first few, if the images folder or a listed image file is missing."""
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"no COCO images folder {image_dir}: unpack {image_dir.name}.zip there; {ROOT_HINT}")
+    missing = missing_files([image_dir / im["file_name"] for im in images])
+    if missing:
+        shown = ", ".join(p.name for p in missing[:SHOW])
+        raise FileNotFoundError(f"{len(missing)} images listed in the {image_dir.name} annotations are missing from "
+                                f"{image_dir} ({shown}{', ...' if len(missing) > SHOW else ''}): "
+                                "add them (a complete unpack of the zip), or point paths.coco at a complete copy")
 
 
 def write_masks(images: list[dict], by_image: dict[int, list[dict]], cache_dir: Path, split: str) -> None:
@@ -118,6 +136,8 @@ class COCOSegmentation(Dataset):
 
     ``name`` is the file stem ("000000000139"). Masks come from the PNG cache that
     ``prepare_data`` writes (default ``root/dsdiff_masks/<split>2017``); crowd regions are 255.
+    ``subset=N`` keeps N images drawn with ``subset_seed`` (the tune split), and only their masks
+    are built. A missing images folder or image file fails here, naming them.
     """
 
     classes = COCO_CLASSES
@@ -125,17 +145,20 @@ class COCOSegmentation(Dataset):
 
     def __init__(self, root: str | Path, split: str = "val",
                  transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, subset: int | None = None, subset_seed: int = 0) -> None:
         self.root = Path(root).expanduser()
         self.split = split
         self.transform = transform
         self.image_dir = self.root / f"{split}2017"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root, split)
         images, by_image = load_annotations(self.root, split)
+        images = select_images(images, subset, subset_seed)
+        check_images(self.image_dir, images)
         todo = missing_masks(images, self.cache_dir)
         if todo:  # what prepare_data does, without reading the JSON a second time
             write_masks(todo, by_image, self.cache_dir, split)
         self.files = [im["file_name"] for im in images]
+        self.ids = [Path(name).stem for name in self.files]
         self._labels = {
             Path(im["file_name"]).stem: sorted({COCO_ID_TO_TRAIN_ID[a["category_id"]]
                                                 for a in by_image[im["id"]] if not a.get("iscrowd", 0)})
@@ -143,11 +166,14 @@ class COCOSegmentation(Dataset):
         }
 
     @classmethod
-    def prepare_data(cls, root: str | Path, split: str = "val", cache_dir: str | Path | None = None) -> Path:
+    def prepare_data(cls, root: str | Path, split: str = "val", cache_dir: str | Path | None = None,
+                     subset: int | None = None, subset_seed: int = 0) -> Path:
         """Write the missing semantic-mask PNGs of a split (idempotent, atomic); return the cache dir."""
         root = Path(root).expanduser()
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, split)
         images, by_image = load_annotations(root, split)
+        images = select_images(images, subset, subset_seed)
+        check_images(root / f"{split}2017", images)
         todo = missing_masks(images, cache_dir)
         if todo:
             write_masks(todo, by_image, cache_dir, split)

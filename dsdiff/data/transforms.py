@@ -68,8 +68,46 @@ def photometric_distortion(image: Tensor) -> Tensor:
     return image
 
 
+def crop_box(size: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A uniformly random (top, left, height, width) crop of an (H, W) image, clipped to the image."""
+    top = torch.randint(0, max(size[0] - crop[0], 0) + 1, ()).item()
+    left = torch.randint(0, max(size[1] - crop[1], 0) + 1, ()).item()
+    return top, left, min(crop[0], size[0]), min(crop[1], size[1])
+
+
+def dominant_share(mask: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[int, float]:
+    """(number of classes, largest class's share) over a mask's non-ignored pixels."""
+    counts = torch.bincount(mask.flatten().long(), minlength=256)
+    counts[ignore_index] = 0
+    counts = counts[counts > 0]
+    if not len(counts):
+        return 0, 1.0
+    return len(counts), (counts.max() / counts.sum()).item()
+
+
+def random_crop_box(mask: Tensor, crop: tuple[int, int], cat_max_ratio: float | None = None,
+                    ignore_index: int = IGNORE_INDEX, tries: int = 10) -> tuple[int, int, int, int]:
+    """mmseg's ``RandomCrop`` box for an (H, W) mask: with ``cat_max_ratio`` < 1, redraw the box up
+    to ``tries`` times until the crop holds at least two classes and none covers ``cat_max_ratio``
+    or more of its non-ignored pixels (mmseg keeps the last draw when no try passes).
+    """
+    box = crop_box(tuple(mask.shape), crop)
+    if cat_max_ratio is None or cat_max_ratio >= 1:
+        return box
+    for _ in range(tries):
+        top, left, h, w = box
+        classes, share = dominant_share(mask[top:top + h, left:left + w], ignore_index)
+        if classes > 1 and share < cat_max_ratio:
+            break
+        box = crop_box(tuple(mask.shape), crop)
+    return box
+
+
 class TrainTransform:
     """Random resize, random crop, flip, photometric distortion, normalise, pad (mmseg order).
+
+    ``cat_max_ratio`` (mmseg's, 0.75 in the paper's recipe) redraws a crop dominated by one class;
+    see :func:`random_crop_box`. ``None`` takes the first random crop.
 
     Returns a float32 (3, ch, cw) normalised image and an int64 (ch, cw) mask. Images smaller
     than the crop are padded at the bottom/right after normalisation, as mmseg does: the image
@@ -86,7 +124,11 @@ class TrainTransform:
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
         ignore_index: int = IGNORE_INDEX,
+        cat_max_ratio: float | None = None,
     ) -> None:
+        if cat_max_ratio is not None and not 0 < cat_max_ratio <= 1:
+            raise ValueError(f"cat_max_ratio={cat_max_ratio}: expected a share in (0, 1] (mmseg: 0.75), or null for a plain random crop")
+        self.cat_max_ratio = cat_max_ratio
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
             raise ValueError(f"expected crop_size as an int or (height, width) >= 1; found {crop_size}")
@@ -108,9 +150,7 @@ class TrainTransform:
         mask = F.resize(mask[None], size, InterpolationMode.NEAREST)[0]
 
         crop_h, crop_w = self.crop_size
-        top = torch.randint(0, max(size[0] - crop_h, 0) + 1, ()).item()
-        left = torch.randint(0, max(size[1] - crop_w, 0) + 1, ()).item()
-        h, w = min(crop_h, size[0]), min(crop_w, size[1])
+        top, left, h, w = random_crop_box(mask, self.crop_size, self.cat_max_ratio, self.ignore_index)
         image, mask = image[:, top:top + h, left:left + w], mask[top:top + h, left:left + w]
 
         if self.hflip and _coin():

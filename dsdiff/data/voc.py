@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,29 @@ from dsdiff.data.classes import IGNORE_INDEX, VOC_CLASSES
 ROOT_HINT = "pass paths.voc=<folder containing JPEGImages/ and SegmentationClass/>"
 # SBD-augmented training set: mmseg names its list aug.txt, most other tools train_aug.txt.
 AUG_LISTS = ("train_aug.txt", "aug.txt")
+SHOW = 5  # missing files named in an error
+
+
+def draw_subset(ids: list[str], size: int | None, seed: int = 0) -> list[str]:
+    """``size`` ids drawn without replacement with ``seed``, in list order (all of them when the list is shorter)."""
+    if size is None or size >= len(ids):
+        return list(ids)
+    if size < 1:
+        raise ValueError(f"subset={size}: expected a positive number of images, or null for all")
+    keep = set(np.random.default_rng(seed).choice(len(ids), size=size, replace=False).tolist())
+    return [name for i, name in enumerate(ids) if i in keep]
+
+
+def missing_files(paths: list[Path]) -> list[Path]:
+    """The paths that do not exist (one directory listing per folder, not one stat per file)."""
+    listings: dict[Path, set[str]] = {}
+    out = []
+    for path in paths:
+        if path.parent not in listings:
+            listings[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+        if path.name not in listings[path.parent]:
+            out.append(path)
+    return out
 
 
 def resolve_voc_root(root: str | Path) -> Path:
@@ -61,14 +85,18 @@ class VOCSegmentation(Dataset):
 
     Without a transform, ``image`` is uint8 (3, H, W) and ``mask`` int64 (H, W) as stored;
     with one, whatever ``transform(image, mask)`` returns. Split ``train_aug`` reads
-    ``SegmentationClassAug/`` and ``ImageSets/Segmentation/train_aug.txt`` (or mmseg's ``aug.txt``).
+    ``SegmentationClassAug/`` and ``ImageSets/Segmentation/train_aug.txt`` (or mmseg's ``aug.txt``);
+    a ``split`` ending in ``.txt`` (or naming an existing file) is an id list of its own, read with
+    ``SegmentationClass/``. ``subset=N`` keeps N ids drawn with ``subset_seed`` (the tune split).
+    Every listed image and mask must exist: a gap fails here, naming the files, not mid-epoch.
     """
 
     classes = VOC_CLASSES
     num_classes = len(VOC_CLASSES)
 
     def __init__(self, root: str | Path, split: str = "train",
-                 transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None) -> None:
+                 transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
+                 subset: int | None = None, subset_seed: int = 0) -> None:
         self.root = resolve_voc_root(root)
         self.split = split
         self.transform = transform
@@ -81,6 +109,12 @@ class VOCSegmentation(Dataset):
                     f"split 'train_aug' needs {self.mask_dir}/ and {lists}/train_aug.txt; "
                     "add the SBD-augmented masks and id list there, or use split='train'")
             split_file = found[0]
+        elif str(split).endswith(".txt") or Path(split).expanduser().is_file():
+            self.mask_dir = self.root / "SegmentationClass"
+            split_file = Path(split).expanduser()
+            if not split_file.is_file():
+                raise FileNotFoundError(f"no split file {split_file}: pass an existing id list (one id per line), "
+                                        "or a split name such as train")
         else:
             self.mask_dir = self.root / "SegmentationClass"
             split_file = lists / f"{split}.txt"
@@ -93,7 +127,23 @@ class VOCSegmentation(Dataset):
         self.ids = [Path(line.split()[0]).stem for line in lines if line.strip()]
         if not self.ids:
             raise ValueError(f"split file {split_file} lists no image ids; expected one id per line")
+        self.split_file = split_file
+        self.ids = draw_subset(self.ids, subset, subset_seed)
+        self._check_files()
         self._labels: dict[str, list[int]] | None = None
+
+    def _check_files(self) -> None:
+        """Fail now, naming the first few, if a listed id has no image or no mask."""
+        if not self.mask_dir.is_dir():
+            raise FileNotFoundError(f"no mask folder {self.mask_dir} for the ids in {self.split_file}: "
+                                    f"add the label PNGs there; {ROOT_HINT}")
+        paths = [self.image_path(n) for n in self.ids] + [self.mask_path(n) for n in self.ids]
+        missing = missing_files(paths)
+        if missing:
+            shown = ", ".join(str(p.relative_to(self.root)) for p in missing[:SHOW])
+            raise FileNotFoundError(
+                f"{len(missing)} files listed by {self.split_file} are missing under {self.root} "
+                f"({shown}{', ...' if len(missing) > SHOW else ''}): add them, or remove their ids from the list")
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -1,4 +1,8 @@
-"""The LightningModule: uncertainty-aware cross-entropy training, mIoU validation, TTA testing."""
+"""The LightningModule: uncertainty-aware cross-entropy training, mIoU on the tune split, TTA testing.
+
+Inference (tune split, test, pseudo-labels) runs at ``eval_scale``: each image resized keeping its
+ratio into (long, short) as mmseg's test pipeline does, the logits resized back to the input's size.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -12,7 +16,7 @@ from torchmetrics import MaxMetric
 from dsdiff.data.classes import IGNORE_INDEX
 from dsdiff.models.inference import predict_logits
 from dsdiff.models.metrics import iou_metric, mean_iou
-from dsdiff.models.tta import PAPER_SCALES, tta_logits
+from dsdiff.models.tta import PAPER_SCALES, keep_ratio_size, tta_logits
 
 
 def uncertainty_aware_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -27,7 +31,11 @@ def uncertainty_aware_ce(logits: torch.Tensor, target: torch.Tensor, ignore_inde
 
 
 class Segmenter(L.LightningModule):
-    """Trains a ``SegmentationNet``; logs ``val/mIoU``, ``val/IoU/<class>``, ``test/mIoU(_tta)``."""
+    """Trains a ``SegmentationNet``; logs ``tune/mIoU``, ``tune/IoU/<class>``, ``test/mIoU(_tta)``.
+
+    Validation runs on the tune split (never the test split); ``tune_step`` is the global step of
+    the last tune/mIoU logged, so a caller can tell whether it measured the final weights.
+    """
 
     def __init__(
         self,
@@ -42,10 +50,16 @@ class Segmenter(L.LightningModule):
         tta_flip: bool = True,
         test_tta: bool = True,
         slide_crop: int | None = None,
+        eval_scale: Sequence[int] | None = None,
     ):
         super().__init__()
         class_names = [str(name) for name in class_names]  # plain types (not ListConfig) in checkpoints
         tta_scales = [float(scale) for scale in tta_scales]
+        if eval_scale is not None:
+            eval_scale = [int(side) for side in eval_scale]
+            if len(eval_scale) != 2 or min(eval_scale) < 1:
+                raise ValueError(f"model.eval_scale={eval_scale}: expected [long side, short side], e.g. [2048, 512], "
+                                 "or null for the native size")
         # factories stay out of the hyperparameters: checkpoints then hold plain values only and
         # load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
@@ -60,17 +74,25 @@ class Segmenter(L.LightningModule):
                 "set model.net.num_classes to the dataset's number of classes (the default "
                 "${data.num_classes} does this)"
             )
-        self.val_iou = iou_metric(num_classes, ignore_index)
-        self.val_miou_best = MaxMetric()
+        self.tune_iou = iou_metric(num_classes, ignore_index)
+        self.tune_miou_best = MaxMetric()
+        self.tune_step: int | None = None
         self.test_iou = iou_metric(num_classes, ignore_index)
         self.test_iou_tta = iou_metric(num_classes, ignore_index)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits at the input resolution for normalised images of any size."""
-        return predict_logits(self.net, images, self.hparams.slide_crop)
+        """Logits (B, C, H, W) for normalised images (B, 3, H, W), predicted at ``eval_scale``."""
+        return tta_logits(self._predict, images, (1.0,), flip=False, base_size=self._eval_size(images))
 
     def forward_tta(self, images: torch.Tensor) -> torch.Tensor:
-        return tta_logits(self, images, self.hparams.tta_scales, self.hparams.tta_flip)
+        """Multi-scale + flip logits; the TTA ratios are relative to ``eval_scale``."""
+        return tta_logits(self._predict, images, self.hparams.tta_scales, self.hparams.tta_flip, self._eval_size(images))
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(self.net, images, self.hparams.slide_crop)
+
+    def _eval_size(self, images: torch.Tensor) -> tuple[int, int]:
+        return keep_ratio_size(*images.shape[-2:], self.hparams.get("eval_scale"))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"]
@@ -87,18 +109,19 @@ class Segmenter(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         pred = self(batch["image"]).argmax(1)
-        self.val_iou.update(pred, batch["mask"])
+        self.tune_iou.update(pred, batch["mask"])
         return {"pred": pred}  # for ValidationPanel's overlays
 
     def on_validation_epoch_end(self) -> None:
-        per_class = self.val_iou.compute()
+        per_class = self.tune_iou.compute()
         miou = mean_iou(per_class)
-        self.val_iou.reset()
-        self.val_miou_best.update(miou)
-        self.log("val/mIoU", miou, prog_bar=True, sync_dist=True)
-        self.log("val/mIoU_best", self.val_miou_best.compute(), sync_dist=True)
+        self.tune_iou.reset()
+        self.tune_miou_best.update(miou)
+        self.log("tune/mIoU", miou, prog_bar=True, sync_dist=True)
+        self.log("tune/mIoU_best", self.tune_miou_best.compute(), sync_dist=True)
         for name, value in zip(self.class_names, per_class):
-            self.log(f"val/IoU/{name}", value, sync_dist=True)
+            self.log(f"tune/IoU/{name}", value, sync_dist=True)
+        self.tune_step = self.global_step
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.test_iou.update(self(batch["image"]).argmax(1), batch["mask"])

@@ -1,4 +1,4 @@
-"""Test-time augmentation: multi-scale and horizontal-flip logits, merged at full resolution."""
+"""Inference scales: mmseg's keep-ratio rescale, and test-time augmentation (multi-scale + flip)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -9,25 +9,41 @@ import torch.nn.functional as F
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
+def keep_ratio_size(height: int, width: int, scale: Sequence[int] | None) -> tuple[int, int]:
+    """mmseg's keep-ratio ``Resize(scale=(long, short))``: the (H, W) an image is resized to for inference.
+
+    factor = min(long / max(H, W), short / min(H, W)); sides ``int(side * factor + 0.5)``. A
+    500x375 VOC image in (2048, 512) becomes 683x512. ``scale=None`` keeps (H, W).
+    """
+    if scale is None:
+        return height, width
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
 def tta_logits(
     predict: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     scales: Sequence[float] = PAPER_SCALES,
     flip: bool = True,
+    base_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Average the logits of ``predict`` over rescaled and flipped copies of ``images``.
 
     images: (B, 3, H, W). ``predict`` maps (B, 3, h, w) to logits (B, C, h, w) for any h, w.
-    Each view's logits are resized back to (H, W) (bilinear) and un-flipped before the mean.
-    Returns (B, C, H, W).
+    View ``s`` is ``images`` resized (bilinear) to ``s * base_size`` (default (H, W); the
+    evaluation scale, see :func:`keep_ratio_size`). Each view's logits are resized back to
+    (H, W) (bilinear) and un-flipped before the mean. Returns (B, C, H, W).
     """
     if not scales:
         raise ValueError("tta_logits needs at least one scale")
     h, w = images.shape[-2:]
+    bh, bw = base_size or (h, w)
     total = None
     count = 0
     for scale in scales:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        size = (max(1, int(bh * scale + 0.5)), max(1, int(bw * scale + 0.5)))
         view = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         views = [(view, False), (view.flip(-1), True)] if flip else [(view, False)]
         for x, flipped in views:
