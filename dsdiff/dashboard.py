@@ -1,6 +1,6 @@
-"""Validation pictures: a fixed panel of val images with prediction / ground-truth overlays.
+"""Validation pictures: a fixed panel of tune-split images with prediction / ground-truth overlays.
 
-Saved as PNG grids in ``<run dir>/images/`` with any logger; with W&B also logged as
+Saved as PNG grids ``<run dir>/images/tune_step*.png`` with any logger; with W&B also logged as
 ``wandb.Image`` mask overlays (toggle classes in the UI) plus a per-class IoU table.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def overlay_row(image: np.ndarray, pred: np.ndarray, target: np.ndarray, alpha: 
 
 
 class ValidationPanel(L.Callback):
-    """Shows the first ``num_images`` validation images (the same ones every time) with overlays."""
+    """Shows the first ``num_images`` tune-split images (the same ones every time) with overlays."""
 
     def __init__(self, num_images: int = 8, save_png: bool = True):
         self.num_images = num_images
@@ -58,7 +58,7 @@ class ValidationPanel(L.Callback):
             return
         names = getattr(pl_module, "class_names", None) or [str(i) for i in range(256)]
         if self.save_png:
-            out = Path(trainer.default_root_dir) / "images" / f"val_step{trainer.global_step:06d}.png"
+            out = Path(trainer.default_root_dir) / "images" / f"tune_step{trainer.global_step:06d}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             rows = [overlay_row(*row) for row in self._rows]
             width = max(r.shape[1] for r in rows)
@@ -80,6 +80,6 @@ class ValidationPanel(L.Callback):
         metrics = trainer.callback_metrics
         table = wandb.Table(columns=["step", "class", "IoU"])
         for name in names[: len(getattr(trainer.lightning_module, "class_names", []))]:
-            value = metrics.get(f"val/IoU/{name}")
+            value = metrics.get(f"tune/IoU/{name}")
             table.add_data(trainer.global_step, name, None if value is None else float(value))
-        logger.experiment.log({"val/examples": images, "val/IoU_table": table, "trainer/global_step": trainer.global_step})
+        logger.experiment.log({"tune/examples": images, "tune/IoU_table": table, "trainer/global_step": trainer.global_step})

@@ -9,6 +9,10 @@
 ``selftrain.tta=true`` predicts with test-time augmentation. Pseudo-labels go into a synthetic
 folder of their own (masks + manifest; images stay where they are) with the same atomic,
 resumable writer as generation, as Lightning prediction (so DDP splits the work).
+
+Exactly the samples the model trained on are relabelled (ids ``0..max_samples-1``), each label
+under the id of the image it was predicted from. A sample whose image or mask cannot be read
+gets no pseudo-label: it is recorded in ``dropped.jsonl`` (reason ``unreadable``) and counted.
 """
 from __future__ import annotations
 
@@ -43,38 +47,50 @@ def combine(pred: torch.Tensor, confidence: torch.Tensor, current: torch.Tensor,
 
 
 class _Pending(Dataset):
+    """Sample ``indices[k]`` of ``data``, read by its own entry: never another sample in its place."""
+
     def __init__(self, data: SyntheticDataset, indices: list[int]) -> None:
         self.data, self.indices = data, indices
+        self.transform = EvalTransform()
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
-        i = self.indices[k]
-        item = self.data[i]
-        return {**item, "entry": self.data.entries[i]}
+        entry = self.data.entries[self.indices[k]]
+        try:
+            image, mask = self.data._read(entry)
+        except Exception as e:  # noqa: BLE001 - an unreadable sample is reported and skipped, never relabelled
+            log.warning("pseudo-labels: synthetic sample %s is unreadable (%s): no pseudo-label for it", entry["id"], e)
+            return {"entry": entry, "error": str(e)}
+        image, mask = self.transform(image, mask)
+        return {"image": image, "mask": mask, "entry": entry}
 
 
 def _collate(items: list[dict]) -> dict:
-    return {"image": torch.stack([it["image"] for it in items]), "mask": torch.stack([it["mask"] for it in items]),
-            "entry": [it["entry"] for it in items]}
+    good = [it for it in items if "error" not in it]
+    return {"image": torch.stack([it["image"] for it in good]) if good else None,
+            "mask": torch.stack([it["mask"] for it in good]) if good else None,
+            "entry": [it["entry"] for it in good],
+            "unreadable": [(it["entry"], it["error"]) for it in items if "error" in it]}
 
 
 class PseudoLabelData(L.LightningDataModule):
     """The source folder's samples that the pseudo-label folder still lacks (listed after a barrier)."""
 
-    def __init__(self, source: str | Path, store: SyntheticStore, config: Mapping, batch_size: int = 8, num_workers: int = 0) -> None:
+    def __init__(self, source: str | Path, store: SyntheticStore, config: Mapping, batch_size: int = 8, num_workers: int = 0,
+                 max_samples: int | None = None) -> None:
         super().__init__()
         self.prepare_data_per_node = False
         self.source, self.store, self.config = Path(source), store, dict(config)
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.max_samples = batch_size, num_workers, max_samples
         self.pending: _Pending | None = None
 
     def prepare_data(self) -> None:
         self.store.prepare(self.config, clean_tmp=True)
 
     def setup(self, stage: str | None = None) -> None:
-        data = SyntheticDataset(self.source, transform=EvalTransform())
+        data = SyntheticDataset(self.source, max_samples=self.max_samples)
         done = self.store.done_ids()
         self.pending = _Pending(data, [i for i, sid in enumerate(data.ids) if sid not in done])
         log.info("pseudo-labels at %s: %d of %d done", self.store.root, len(data) - len(self.pending), len(data))
@@ -95,25 +111,34 @@ class PseudoLabeler(L.LightningModule):
             raise ValueError(f"selftrain.mode={mode!r}: use one of {MODES}")
         self.segmenter, self.mode, self.threshold, self.tta = segmenter, mode, threshold, tta
 
-    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[tuple[dict, np.ndarray]]:
+    def predict_step(self, batch: dict, batch_idx: int = 0) -> list[tuple[dict, np.ndarray | None]]:
+        """(entry, label) per readable sample, and (entry, None) per unreadable one."""
+        skipped = [(entry, None) for entry, _ in batch.get("unreadable", [])]
         images = batch["image"]
+        if images is None:
+            return skipped
         logits = self.segmenter.forward_tta(images) if self.tta else self.segmenter(images)
         confidence, pred = logits.softmax(1).max(1)
         out = []
         for b, entry in enumerate(batch["entry"]):
             label = combine(pred[b], confidence[b], batch["mask"][b], self.mode, self.threshold)
             out.append((entry, label.to(torch.uint8).cpu().numpy()))
-        return out
+        return out + skipped
 
 
 class PseudoLabelWriter(BasePredictionWriter):
     def __init__(self, store: SyntheticStore, source: str | Path) -> None:
         super().__init__(write_interval="batch")
         self.store, self.source = store, Path(source)
-        self.written = 0
+        self.written = self.unreadable = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
         for entry, label in prediction:
+            if label is None:
+                self.store.write_dropped(entry["id"], "unreadable", {"source_image": str((self.source / entry["image"]).resolve())},
+                                         tag=f"rank{trainer.global_rank}")
+                self.unreadable += 1
+                continue
             meta = {k: v for k, v in entry.items() if k not in ("image", "mask", "foreground", "uncertain", "attention")}
             meta["source_mask"] = str((self.source / entry["mask"]).resolve())
             self.store.write_label(entry["id"], label, meta, image=self.source / entry["image"], tag=f"rank{trainer.global_rank}")
@@ -128,10 +153,11 @@ class PseudoLabelWriter(BasePredictionWriter):
 
 def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Path, make_trainer, *,
                  mode: str = "replace", threshold: float = 0.9, tta: bool = False, checkpoint: str | None = None,
-                 batch_size: int = 8, num_workers: int = 0) -> dict[str, Any]:
-    """Write pseudo-labels for every sample of ``source`` into ``out`` (resuming); returns a summary.
+                 batch_size: int = 8, num_workers: int = 0, max_samples: int | None = None) -> dict[str, Any]:
+    """Write pseudo-labels for samples ``0..max_samples-1`` of ``source`` (all with None) into ``out``, resuming.
 
-    ``make_trainer(callbacks)`` builds the Lightning Trainer that runs the prediction.
+    ``make_trainer(callbacks)`` builds the Lightning Trainer that runs the prediction. The summary
+    counts ``samples`` written and ``dropped_by_reason["unreadable"]`` samples skipped.
     """
     from dsdiff.data.synthetic import summarize
 
@@ -143,6 +169,11 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
     store.check_config(config)
     trainer = make_trainer([PseudoLabelWriter(store, source)])
     segmenter.eval()
-    trainer.predict(PseudoLabeler(segmenter, mode, threshold, tta), datamodule=PseudoLabelData(source, store, config, batch_size, num_workers),
-                    return_predictions=False)
-    return {**summarize(store), "dir": str(store.root)}
+    data = PseudoLabelData(source, store, config, batch_size, num_workers, max_samples=max_samples)
+    trainer.predict(PseudoLabeler(segmenter, mode, threshold, tta), datamodule=data, return_predictions=False)
+    summary = summarize(store)
+    unreadable = summary["dropped_by_reason"].get("unreadable", 0)
+    if unreadable:
+        log.warning("pseudo-labels at %s: %d unreadable samples got no label (listed in %s)", store.root, unreadable,
+                    store.root / "dropped.jsonl")
+    return {**summary, "unreadable": unreadable, "max_samples": max_samples, "dir": str(store.root)}

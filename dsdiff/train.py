@@ -6,12 +6,19 @@ With a synthetic training set (``data/train=synthetic``) the stages are::
     train         <run>/checkpoints: the segmenter on the synthetic labels
     pseudo_<r>    <run>/pseudo_<r>: its predictions on the synthetic images (self-training labels)
     selftrain_<r> <run>/selftrain_<r>/checkpoints: a new segmenter on them, r = 1..selftrain.rounds
-    test          the final model on the real val split, plain and with TTA
+    test          the final model on the real test split (VOC/COCO: val), plain and with TTA
 
 With real labels (``data/train=voc_real`` ...) only ``train`` and ``test`` run. ``<run>/stages.json``
 records each finished stage; ``resume=true`` (the latest run dir of this task) or ``resume=DIR``
 continues a chain there, skipping finished stages and resuming an interrupted training stage
-from its ``last.ckpt``. ``<run>/metrics.json`` holds the final ``test/mIoU`` and ``test/mIoU_tta``.
+from its ``last.ckpt``.
+
+Protocol: every stage ends with its final weights in ``checkpoints/last.ckpt`` (EMA), and those
+pseudo-label and are tested; nothing is chosen by a metric. Validation runs on ``data.tune``, a
+labelled split disjoint from the test split, and the test split is used once, by ``test``.
+``<run>/metrics.json`` holds ``test/mIoU``, ``test/mIoU_tta``, the tested file (``ckpt_path``,
+``ckpt: last``), the final stage's ``tune/mIoU`` (the sweep objective) and every fitted stage's
+metrics under ``<stage>/``.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
 from dsdiff.data.synthetic import SyntheticDataset
+from dsdiff.models.checkpoint import LastCheckpoint
 from dsdiff.runtime import (
     finish_loggers,
     instantiate_callbacks,
@@ -53,6 +61,11 @@ def check_config(cfg: DictConfig) -> None:
                 f"data.train_transform.crop_size={crop} is not a multiple of the output stride {stride}: "
                 f"use e.g. {side - side % stride or stride}"
             )
+    max_steps = cfg.trainer.get("max_steps")
+    if cfg.get("train") and not cfg.trainer.get("fast_dev_run") and max_steps is not None and int(max_steps) <= 0:
+        raise ValueError(
+            f"trainer.max_steps={max_steps} trains nothing (an untrained network would be tested and pseudo-label): "
+            "set max_steps=<optimizer steps> (the paper: 20000 VOC, 40000 COCO), or train=false ckpt_path=FILE to only test")
     selftrain = cfg.get("selftrain") or {}
     if selftrain.get("mode", "replace") not in ("replace", "fill_uncertain", "confident"):
         raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use replace, fill_uncertain or confident")
@@ -98,15 +111,13 @@ def work_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def _checkpoints(trainer: L.Trainer) -> list[ModelCheckpoint]:
-    return [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-
-
-def _best_checkpoint(trainer: L.Trainer) -> str | None:
-    """The best checkpoint by a monitored metric, else the latest one saved."""
-    for callback in sorted(_checkpoints(trainer), key=lambda c: c.monitor is None):
-        if callback.best_model_path:
-            return callback.best_model_path
+def _final_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint of the final step (``last.ckpt``), or None when none was saved (e.g. fast_dev_run)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, LastCheckpoint) and callback.dirpath:
+            path = Path(callback.dirpath) / f"{LastCheckpoint.FILENAME}.ckpt"
+            if path.is_file():
+                return str(path)
     return None
 
 
@@ -115,7 +126,8 @@ def _trainer(cfg: DictConfig, root: Path, loggers: list, callbacks: list | None 
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(root / "checkpoints")
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(root))
+    extra = {} if cfg.data.get("tune") is not None else {"limit_val_batches": 0}  # no tune split: no validation
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(root), **extra)
 
 
 def fit_stage(cfg: DictConfig, name: str, root: Path, work: Path, train_factory=None, ckpt_path: str | None = None,
@@ -141,7 +153,12 @@ def fit_stage(cfg: DictConfig, name: str, root: Path, work: Path, train_factory=
         log.info("stage %s: resuming training from %s", name, ckpt_path)
     log.info("stage %s: training; checkpoints go to %s", name, root / "checkpoints")
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    info = {"checkpoint": _best_checkpoint(trainer), "metrics": to_float_dict(trainer.callback_metrics)}
+    if cfg.data.get("tune") is not None and getattr(model, "tune_step", None) != trainer.global_step:
+        # the last validation ran before the final step: measure the final (EMA) weights
+        log.info("stage %s: tune split on the final weights (step %d)", name, trainer.global_step)
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+    info = {"checkpoint": _final_checkpoint(trainer), "ckpt": "last", "step": int(trainer.global_step),
+            "metrics": to_float_dict(trainer.callback_metrics)}
     return info, model, datamodule, trainer, loggers
 
 
@@ -162,10 +179,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         _generate_stage(cfg, stages)
 
     checkpoint = (stages.get("train") or {}).get("checkpoint")
+    fitted = ["train"] if cfg.get("train") else []
     if cfg.get("train") and not stages.get("train"):
         grid = {"synthetic/samples": Path(cfg.synthetic.dir) / "grid.png"} if synthetic else None
         info, model, datamodule, trainer, loggers = fit_stage(cfg, "train", work, work, ckpt_path=cfg.get("ckpt_path"), images=grid)
-        metrics.update(info["metrics"])
         checkpoint = info["checkpoint"]
         stages.mark("train", info)
     elif stages.get("train"):
@@ -173,6 +190,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     rounds = int((cfg.get("selftrain") or {}).get("rounds", 0)) if synthetic and cfg.get("train") else 0
     source = Path(cfg.synthetic.dir)
+    num_images = cfg.synthetic.get("num_images")  # the samples the train stage read: 0..num_images-1
     for r in range(1, rounds + 1):
         pseudo_dir = work / f"pseudo_{r}"
         if not stages.get(f"pseudo_{r}"):
@@ -182,16 +200,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             stages.mark(f"pseudo_{r}", summary)
         source = pseudo_dir
         name = f"selftrain_{r}"
+        fitted.append(name)
         if stages.get(name):
             checkpoint = stages.get(name)["checkpoint"]
             log.info("stage %s: done in an earlier run (%s)", name, checkpoint)
             continue
         finish_loggers(loggers)
-        factory = partial(SyntheticDataset, root=str(pseudo_dir), class_list=class_list)
+        factory = partial(SyntheticDataset, root=str(pseudo_dir), class_list=class_list, max_samples=num_images)
         info, model, datamodule, trainer, loggers = fit_stage(cfg, name, work / name, work, train_factory=factory)
-        metrics.update({f"{name}/{k}": v for k, v in info["metrics"].items()})
         checkpoint = info["checkpoint"]
         stages.mark(name, info)
+
+    # every fitted stage's metrics under its name; the final stage's also plain (tune/mIoU: the sweep objective)
+    for name in fitted:
+        metrics.update({f"{name}/{k}": v for k, v in (stages.get(name) or {}).get("metrics", {}).items()})
+    if fitted:
+        metrics.update((stages.get(fitted[-1]) or {}).get("metrics", {}))
 
     if cfg.get("test"):
         ckpt = checkpoint if cfg.get("train") else cfg.get("ckpt_path")
@@ -204,12 +228,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if ckpt:
             # the checkpoint's state_dict holds the EMA weights; trainer.test(ckpt_path=...) would
             # restore the raw weights through the EMA callback instead
-            log.info("stage test: weights from %s", ckpt)
+            log.info("stage test: the final weights of %s", ckpt)
             load_weights(model, ckpt)
             metrics["ckpt_path"] = str(ckpt)
+        else:
+            log.info("stage test: the final weights in memory (no checkpoint was saved)")
+        metrics["ckpt"] = "last" if cfg.get("train") else "given"
         trainer.test(model, datamodule=datamodule)
-        metrics.update(to_float_dict(trainer.callback_metrics))
-        stages.mark("test", {"checkpoint": ckpt, "metrics": to_float_dict(trainer.callback_metrics)})
+        tested = {k: v for k, v in to_float_dict(trainer.callback_metrics).items() if k.startswith("test/")}
+        metrics.update(tested)
+        stages.mark("test", {"checkpoint": ckpt, "ckpt": metrics["ckpt"], "metrics": tested})
 
     for out in {work, Path(cfg.paths.output_dir)}:
         write_json_atomic(out / "metrics.json", metrics)
@@ -234,7 +262,7 @@ def _generate_stage(cfg: DictConfig, stages: Stages) -> None:
 
 
 def _pseudo_stage(cfg: DictConfig, checkpoint: str | None, source: Path, out: Path, trained=None) -> dict:
-    """Label ``source``'s images with the segmenter of ``checkpoint`` (else the model just trained) into ``out``."""
+    """Label samples 0..num_images-1 of ``source`` with the final weights of ``checkpoint`` (else the model just trained)."""
     from dsdiff.selftrain import pseudo_label
 
     selftrain = cfg.selftrain
@@ -253,7 +281,8 @@ def _pseudo_stage(cfg: DictConfig, checkpoint: str | None, source: Path, out: Pa
         return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(out))
 
     return pseudo_label(model, source, out, make_trainer, mode=selftrain.mode, threshold=selftrain.threshold,
-                        tta=bool(selftrain.tta), checkpoint=str(checkpoint), batch_size=selftrain.get("batch_size", 8))
+                        tta=bool(selftrain.tta), checkpoint=str(checkpoint), batch_size=selftrain.get("batch_size", 8),
+                        max_samples=cfg.synthetic.get("num_images"))
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -78,7 +78,7 @@ def test_paper_recipe_values(make_cfg):
 
 def test_sweep_config_composes(make_cfg):
     cfg = make_cfg(["+experiment=voc_deeplab", "hparams_search=voc_optuna"])
-    assert cfg.optimized_metric == "val/mIoU"
+    assert cfg.optimized_metric == "tune/mIoU"
     assert "model.optimizer.lr" in cfg.hydra.sweeper.params
 
 

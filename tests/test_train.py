@@ -1,4 +1,5 @@
 """Training and evaluation end to end on the fixture datasets (tiny encoder, CPU)."""
+import csv
 import json
 import os
 import subprocess
@@ -11,14 +12,17 @@ import torch
 from dsdiff.evaluate import evaluate
 from dsdiff.train import train
 
+# the fixture's 64x64 images at scale factor 1 (the keep-ratio path, without 512x512 CPU inference)
+SMALL_EVAL = "data.eval_scale=[128,64]"
+
 
 @pytest.mark.parametrize("experiment,root_key", [("voc_real", "voc"), ("coco_real", "coco")])
 def test_fast_dev_run_writes_metrics(make_cfg, tmp_path, request, experiment, root_key):
     root = request.getfixturevalue(f"{root_key}_root")
-    cfg = make_cfg([f"+experiment={experiment}", "debug=fdr", f"paths.{root_key}={root}"])
+    cfg = make_cfg([f"+experiment={experiment}", "debug=fdr", f"paths.{root_key}={root}", SMALL_EVAL])
     metrics, objects = train(cfg)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("val/mIoU", "test/mIoU", "test/mIoU_tta"):
+    for key in ("tune/mIoU", "test/mIoU", "test/mIoU_tta"):
         assert 0.0 <= saved[key] <= 1.0, key
     assert objects["trainer"].global_step == 1
     num_classes = 21 if root_key == "voc" else 81
@@ -34,20 +38,24 @@ def _run(module, *args, cwd):
 
 def test_cli_trains_checkpoints_and_evaluate_reads_them(voc_root, tmp_path, make_cfg):
     run_dir = tmp_path / "run"
-    _run("dsdiff.train", "+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    _run("dsdiff.train", "+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", f"hydra.run.dir={run_dir}", SMALL_EVAL,
+         "trainer.max_steps=7", "trainer.val_check_interval=5", cwd=tmp_path)
     ckpts = run_dir / "checkpoints"
-    assert (ckpts / "last.ckpt").is_file()
-    best = [p for p in ckpts.glob("step_*.ckpt")]
-    assert len(best) == 1
+    assert [p.name for p in ckpts.iterdir()] == ["last.ckpt"]  # no checkpoint chosen by a metric
+    last = ckpts / "last.ckpt"
     trained = json.loads((run_dir / "metrics.json").read_text())
-    assert trained["ckpt_path"] == str(best[0])
-    assert (run_dir / "csv" / "version_0" / "metrics.csv").is_file()
+    assert trained["ckpt_path"] == str(last) and trained["ckpt"] == "last"
     # EMA weights are what the checkpoint's state_dict holds, and what evaluation uses
-    state = torch.load(best[0], map_location="cpu", weights_only=False)
-    assert "current_model_state" in state
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert "current_model_state" in state and state["global_step"] == 7  # the final step, not the last validation's
+    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
+    tuned = [(int(r["step"]), float(r["tune/mIoU"])) for r in rows if r.get("tune/mIoU")]
+    assert [step for step, _ in tuned] == [4, 7]  # in-fit validation at step 5 (logged 0-based), then the final weights
+    assert trained["tune/mIoU"] == pytest.approx(tuned[-1][1])
+    assert not any(k.startswith("val/") for k in trained)
 
     eval_dir = tmp_path / "eval"
-    proc = _run("dsdiff.evaluate", f"ckpt_path={best[0]}", "+experiment=voc_real", "debug=fast",
+    proc = _run("dsdiff.evaluate", f"ckpt_path={last}", "+experiment=voc_real", "debug=fast", SMALL_EVAL,
                 f"paths.voc={voc_root}", f"hydra.run.dir={eval_dir}", cwd=tmp_path)
     evaluated = json.loads((eval_dir / "metrics.json").read_text())
     # same weights, same data, same limit on test batches: the same numbers as the training run's test
@@ -57,11 +65,11 @@ def test_cli_trains_checkpoints_and_evaluate_reads_them(voc_root, tmp_path, make
 
 
 def test_resume_from_last_checkpoint_continues_the_step_count(voc_root, make_cfg, tmp_path):
-    first = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "test=false"], output_dir=tmp_path / "a")
+    first = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "test=false", SMALL_EVAL], output_dir=tmp_path / "a")
     _, objects = train(first)
     assert objects["trainer"].global_step == 10
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    resumed = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "test=false",
+    resumed = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "test=false", SMALL_EVAL,
                         f"ckpt_path={last}", "trainer.max_steps=14"], output_dir=tmp_path / "b")
     _, objects = train(resumed)
     assert objects["trainer"].global_step == 14
@@ -94,7 +102,7 @@ def test_dataset_with_other_class_count_is_refused(voc_root):
     from dsdiff.data.datamodule import SegDataModule
     from dsdiff.data.voc import VOCSegmentation
 
-    datamodule = SegDataModule(num_classes=19, train=partial(VOCSegmentation, voc_root, "train"), val=None)
+    datamodule = SegDataModule(num_classes=19, train=partial(VOCSegmentation, voc_root, "train"), tune=None, test=None)
     with pytest.raises(ValueError, match="has 21 classes but the model is configured for 19: set data.num_classes=21"):
         datamodule.setup("fit")
 
@@ -105,7 +113,7 @@ def test_wandb_logs_offline_inside_the_run_dir(voc_root, make_cfg, tmp_path, mon
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("WANDB_MODE", "offline")
     for n, out in enumerate(("run1", "run2")):  # two runs in one process, like a multirun
-        cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "logger=wandb",
+        cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "logger=wandb", SMALL_EVAL,
                         "trainer.max_steps=2", "trainer.val_check_interval=2", "test=false"], output_dir=tmp_path / out)
         train(cfg)
         runs = list((tmp_path / out / "wandb").glob("offline-run-*"))
@@ -120,5 +128,38 @@ def test_wandb_logs_offline_inside_the_run_dir(voc_root, make_cfg, tmp_path, mon
         rows = json.loads(tables[0].read_text())["data"]
         assert [r[1] for r in rows][:3] == ["background", "aeroplane", "bicycle"] and len(rows) == 21
         assert any(isinstance(r[2], float) and r[2] == r[2] for r in rows)  # real (non-NaN) IoU values
-        assert list((tmp_path / out / "images").glob("val_step*.png"))
+        assert list((tmp_path / out / "images").glob("tune_step*.png"))
     assert not any(home.rglob("*wandb*")), "W&B wrote under ~/"
+
+
+def test_a_run_that_trains_nothing_is_refused_before_writing(make_cfg, voc_root, tmp_path):
+    for steps in ("trainer.max_steps=0", "max_steps=-1"):
+        out = tmp_path / steps.replace("=", "_")
+        cfg = make_cfg(["+experiment=voc_real", f"paths.voc={voc_root}", "logger=csv", steps], output_dir=out)
+        with pytest.raises(ValueError, match=r"trainer\.max_steps=-?[01] trains nothing.*set max_steps="):
+            train(cfg)
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_recipe_settings_of_the_original(make_cfg):
+    for experiment in ("voc_deeplab", "voc_real", "coco_deeplab", "coco_real"):
+        cfg = make_cfg([f"+experiment={experiment}"])
+        assert cfg.trainer.gradient_clip_val == 0.01 and cfg.trainer.gradient_clip_algorithm == "norm"
+        assert cfg.data.train_transform.cat_max_ratio == 0.75
+        assert list(cfg.model.eval_scale) == [2048, 512] and cfg.optimized_metric == "tune/mIoU"
+        assert "model_checkpoint" not in cfg.callbacks  # no checkpoint chosen by a metric
+    voc, coco = make_cfg(["+experiment=voc_deeplab"]), make_cfg(["+experiment=coco_deeplab"])
+    assert voc.data.tune.split == "train" and voc.data.tune.subset == 300 and voc.data.test.split == "val"
+    assert coco.data.tune.split == "train" and coco.data.tune.subset == 500 and coco.data.test.split == "val"
+    shapes = make_cfg(["+experiment=shapes_deeplab"])
+    assert shapes.model.eval_scale is None and shapes.trainer.gradient_clip_val is None
+    assert shapes.data.tune.split == "val" and shapes.data.test.split == "test"
+
+
+def test_no_tune_split_means_zero_real_labels_and_no_curves(make_cfg, voc_root, tmp_path):
+    cfg = make_cfg(["+experiment=voc_real", "debug=fast", f"paths.voc={voc_root}", "data.tune=null", SMALL_EVAL,
+                    "trainer.max_steps=4", "trainer.val_check_interval=2"])
+    metrics, objects = train(cfg)
+    assert not any(k.startswith("tune/") for k in metrics) and 0 <= metrics["test/mIoU"] <= 1
+    assert metrics["ckpt_path"] == str(tmp_path / "checkpoints" / "last.ckpt") and objects["trainer"].global_step == 4
+    assert not list((tmp_path / "images").glob("tune_step*.png"))

@@ -1,4 +1,4 @@
-"""The DataModule: a train dataset (real or synthetic) and real val/test splits."""
+"""The DataModule: a train dataset (real or synthetic), a labelled tune split and the real test split."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -38,16 +38,21 @@ class SegDataModule(L.LightningDataModule):
 
     ``num_classes`` (and ``class_list``, a name in ``dsdiff.data.classes.CLASS_LISTS``) are what
     the model was configured with; every dataset must agree with them.
-    The test split defaults to the val split (VOC and COCO report on val).
+
+    ``tune`` is the labelled split that validation (curves, the sweep objective) runs on; it must
+    share no image with ``test``, which is used once, at the end (VOC/COCO: their val split).
+    ``tune=None`` validates nothing. ``eval_scale`` is the dataset's inference scale (mmseg's
+    keep-ratio ``(long, short)``; the model config reads it as ``${data.eval_scale}``).
     """
 
     def __init__(
         self,
         num_classes: int,
         train: DatasetFactory | None,
-        val: DatasetFactory | None,
-        test: DatasetFactory | None = None,
+        tune: DatasetFactory | None,
+        test: DatasetFactory | None,
         class_list: str | None = None,
+        eval_scale: tuple[int, int] | None = None,
         train_transform: Callable | None = None,
         eval_transform: Callable | None = None,
         batch_size: int = 8,
@@ -58,7 +63,8 @@ class SegDataModule(L.LightningDataModule):
         super().__init__()
         self.num_classes = num_classes
         self.class_list = class_list
-        self.factories = {"train": train, "val": val, "test": test or val}
+        self.factories = {"train": train, "tune": tune, "test": test}
+        self.eval_scale = None if eval_scale is None else tuple(int(v) for v in eval_scale)
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.batch_size = batch_size
@@ -72,8 +78,8 @@ class SegDataModule(L.LightningDataModule):
             _prepare(factory)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("val",)}
-        for split in wanted.get(stage, ("train", "val", "test")):
+        wanted = {"fit": ("train", "tune", "test"), "validate": ("tune", "test"), "test": ("test",)}
+        for split in wanted.get(stage, ("train", "tune", "test")):
             if split in self.datasets or self.factories[split] is None:
                 continue
             transform = self.train_transform if split == "train" else self.eval_transform
@@ -92,6 +98,19 @@ class SegDataModule(L.LightningDataModule):
                         f"{self.class_list!r} class list {list(expected)[:4]}...: set data.class_list to match"
                     )
             self.datasets[split] = dataset
+        self._check_disjoint()
+
+    def _check_disjoint(self) -> None:
+        """Refuse a tune split that shares images with the test split (nothing is chosen on the test split)."""
+        tune, test = (getattr(self.datasets.get(split), "ids", None) for split in ("tune", "test"))
+        if tune is None or test is None:
+            return
+        shared = sorted(set(tune) & set(test))
+        if shared:
+            raise ValueError(
+                f"the tune split shares {len(shared)} images with the test split ({', '.join(map(str, shared[:5]))}"
+                f"{', ...' if len(shared) > 5 else ''}): the test split must pick nothing; give data.tune images "
+                "outside the test split (e.g. drawn from the train list), or data.tune=null")
 
     @property
     def class_names(self) -> list[str]:
@@ -120,8 +139,11 @@ class SegDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_batch_size, shuffle=False)
+    def val_dataloader(self) -> DataLoader | list:
+        """The tune split (no loader, so no validation, with ``tune=None``)."""
+        if self.factories["tune"] is None:
+            return []
+        return self._loader("tune", self.val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, shuffle=False)
