@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from dsdiff.selftrain import combine
 from dsdiff.train import train
 
 CHAIN = ["+experiment=voc_deeplab", "debug=fast", "synthetic.num_images=4", "generator.num_inference_steps=2",
-         "generator.batch_size=2", "synthetic.filters.drop_empty=false", "trainer.max_steps=4", "trainer.val_check_interval=2"]
+         "generator.batch_size=2", "synthetic.filters.drop_empty=false", "trainer.max_steps=5", "trainer.val_check_interval=2",
+         "data.eval_scale=[128,64]"]  # the fixture's 64x64 images at factor 1: the keep-ratio path without 512x512 CPU inference
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +39,35 @@ def test_chain_runs_every_stage_logs_to_wandb_and_resumes_without_redoing(make_c
     assert set(stages) == {"generate", "train", "pseudo_1", "selftrain_1", "test"}
     saved = json.loads((run / "metrics.json").read_text())
     assert 0 <= saved["test/mIoU"] <= 1 and 0 <= saved["test/mIoU_tta"] <= 1
-    assert saved["ckpt_path"].startswith(str(run / "selftrain_1" / "checkpoints"))  # the self-trained model is tested
+    # the final weights of each stage, never a checkpoint chosen on a split: last.ckpt at the final step
+    assert saved["ckpt_path"] == str(run / "selftrain_1" / "checkpoints" / "last.ckpt") and saved["ckpt"] == "last"
+    assert stages["train"]["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    assert sorted(p.name for p in run.rglob("*.ckpt")) == ["last.ckpt", "last.ckpt"]
+    for ckpt in run.rglob("*.ckpt"):
+        assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 5  # not the step-4 validation
+    assert json.loads((run / "pseudo_1" / "dataset.json").read_text())["checkpoint"] == stages["train"]["checkpoint"]
+    # the objective is the final stage's tune/mIoU, measured on the final weights
+    assert saved["tune/mIoU"] == saved["selftrain_1/tune/mIoU"] == metrics["tune/mIoU"]
+    assert "train/tune/mIoU" in saved and not any(k.startswith("val/") for k in saved)
     # pseudo-labels: the trained model's predictions on the same synthetic images (mode=replace: no 255 left)
     pseudo = [json.loads(line) for line in (run / "pseudo_1" / "manifest.jsonl").read_text().splitlines()]
     assert len(pseudo) == 4 and all(p["image"].startswith(str(tmp_path / "syn")) for p in pseudo)
     assert all(255 not in np.unique(np.array(Image.open(run / "pseudo_1" / p["mask"]))) for p in pseudo)
+    # ... of the train stage's final weights (last.ckpt, EMA), at the evaluation scale
+    import hydra
+
+    from dsdiff.data.transforms import EvalTransform
+    from dsdiff.data.voc import read_rgb
+    from dsdiff.runtime import load_weights
+
+    teacher = hydra.utils.instantiate(objects["cfg"].model).eval()
+    load_weights(teacher, stages["train"]["checkpoint"])
+    for p in pseudo:
+        image = read_rgb(Path(p["image"]))
+        x, _ = EvalTransform()(image, torch.zeros(image.shape[1:], dtype=torch.uint8))
+        with torch.no_grad():
+            expected = teacher(x[None]).argmax(1)[0].numpy()
+        assert (np.array(Image.open(run / "pseudo_1" / p["mask"])) == expected).mean() > 0.99  # batch-size rounding aside
     # W&B: one offline run per training stage; the first has the synthetic gallery, masks and the IoU table
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
@@ -92,7 +118,7 @@ def test_chain_killed_between_stages_resumes(tiny_sd, voc_root, tmp_path):
 def test_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_runs(tiny_sd, voc_root, tmp_path):
     sweep = tmp_path / "multi"
     cmd = [sys.executable, "-m", "dsdiff.train", "-m", "+experiment=voc_deeplab", "hparams_search=voc_optuna", "debug=fdr",
-           "logger=wandb", "hydra.sweeper.n_trials=2", "selftrain.rounds=0", "synthetic.num_images=2",
+           "logger=wandb", "hydra.sweeper.n_trials=2", "synthetic.num_images=2", "data.eval_scale=[128,64]",
            "generator.num_inference_steps=2", "synthetic.filters.drop_empty=false",
            'hydra.sweeper.params={generator.cross_res:"choice(16)",generator.self_res:"choice(32)"}',  # the tiny UNet's sizes
            f"generator.model={tiny_sd}", f"paths.voc={voc_root}", f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]
@@ -100,14 +126,79 @@ def test_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_runs(tiny_sd, voc_r
     assert out.returncode == 0, out.stderr[-3000:]
     trials = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [t.name for t in trials] == ["0", "1"]
-    run_ids = set()
+    run_ids, objectives = set(), []
     for trial in trials:
-        assert "val/mIoU" in json.loads((trial / "metrics.json").read_text())
+        saved = json.loads((trial / "metrics.json").read_text())
+        assert saved["tune/mIoU"] == saved["selftrain_1/tune/mIoU"]  # the final stage's, after self-training
+        objectives.append(saved["tune/mIoU"])
         runs = list((trial / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1, runs  # each job its own W&B run, in its own dir
-        run_ids.add(runs[0].name)
-    assert len(run_ids) == 2
-    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+        assert len(runs) == 2, runs  # each job its own W&B runs (train, selftrain_1), in its own dir
+        run_ids |= {r.name for r in runs}
+    assert len(run_ids) == 4
+    results = (sweep / "optimization_results.yaml").read_text()
+    best = float(results.split("best_value:")[1].split()[0])
+    assert best == pytest.approx(max(objectives))  # the sweeper got each trial's final tune/mIoU
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in segmenter: class k where a pixel's mean value is nearest centre k (a label map per image)."""
+
+    def forward(self, x):
+        return -(x.mean(1, keepdim=True) - torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)) ** 2
+
+
+def _synthetic_folder(root, n, size=(12, 16)):
+    from dsdiff.data.synthetic import SyntheticStore, sample_id
+
+    store = SyntheticStore(root)
+    store.prepare({"class_names": ["background", "a", "b"]})
+    rng = np.random.default_rng(0)
+    images = {}
+    for i in range(n):
+        image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        store.write_sample(sample_id(i), image, rng.integers(0, 3, size).astype(np.uint8), {"prompt": f"p{i}"})
+        images[sample_id(i)] = image
+    store.compact()
+    return images
+
+
+def _pseudo(source, out, max_samples):
+    import lightning as L
+
+    from dsdiff.selftrain import pseudo_label
+
+    def make_trainer(callbacks):
+        return L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(out))
+
+    return pseudo_label(Brightness(), source, out, make_trainer, batch_size=2, max_samples=max_samples, checkpoint="test")
+
+
+def _prediction(image):
+    from dsdiff.data.transforms import EvalTransform
+
+    x, _ = EvalTransform()(torch.from_numpy(image).permute(2, 0, 1).contiguous(), torch.zeros(image.shape[:2], dtype=torch.uint8))
+    return Brightness()(x[None]).argmax(1)[0].numpy()
+
+
+def test_pseudo_labels_cover_exactly_num_images_of_an_extended_folder_each_under_its_own_id(tmp_path):
+    images = _synthetic_folder(tmp_path / "syn", 6)  # a folder extended past num_images=4
+    (tmp_path / "syn" / "masks" / "0000001.png").write_bytes(b"not a png")  # one damaged sample
+    summary = _pseudo(tmp_path / "syn", tmp_path / "pseudo", max_samples=4)
+    pseudo = [json.loads(line) for line in (tmp_path / "pseudo" / "manifest.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in pseudo] == ["0000000", "0000002", "0000003"]  # 0..3, the damaged one skipped
+    for p in pseudo:
+        assert p["image"] == str((tmp_path / "syn" / "images" / f"{p['id']}.png").resolve())
+        label = np.array(Image.open(tmp_path / "pseudo" / p["mask"]))
+        np.testing.assert_array_equal(label, _prediction(images[p["id"]]))  # the prediction on its own image
+    assert summary["samples"] == 3 and summary["unreadable"] == 1 and summary["dropped_by_reason"] == {"unreadable": 1}
+    dropped = [json.loads(line) for line in (tmp_path / "pseudo" / "dropped.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in dropped] == ["0000001"]
+    # round 2 reads the pseudo folder as the chain does: exactly the relabelled samples of 0..num_images-1
+    from dsdiff.data.synthetic import SyntheticDataset
+
+    assert SyntheticDataset(tmp_path / "pseudo", max_samples=4).ids == ["0000000", "0000002", "0000003"]
+    assert len(SyntheticDataset(tmp_path / "syn", max_samples=4)) == 4
 
 
 def test_selftrain_modes():
@@ -122,14 +213,34 @@ def test_selftrain_modes():
 
 
 def test_shapes_deeplab_runs_the_whole_method_offline(make_cfg, tmp_path):
-    """The README's main job, reduced: the shipped tiny model generates, a segmenter trains, self-trains, tests."""
-    cfg = make_cfg(["+experiment=shapes_deeplab", "synthetic.num_images=24", f"synthetic.dir={tmp_path / 'syn'}",
-                    "generator.num_inference_steps=8", "max_steps=6", "val_every=3", "data.val.size=10", "data.test.size=20",
-                    "callbacks.val_panel.num_images=2"], output_dir=tmp_path / "run")
+    """The README's main job, reduced: the shipped tiny model generates, a segmenter trains, self-trains, tests.
+
+    Also the protocol: no test/ metric before the final stage, the final weights pseudo-label, and a
+    synthetic folder extended past num_images feeds both rounds exactly num_images samples.
+    """
+    common = ["+experiment=shapes_deeplab", f"synthetic.dir={tmp_path / 'syn'}", "generator.num_inference_steps=8",
+              "val_every=3", "data.tune.size=10", "data.test.size=20", "callbacks.val_panel.num_images=2"]
+    cfg = make_cfg([*common, "synthetic.num_images=24", "max_steps=6"], output_dir=tmp_path / "run")
     metrics, _ = train(cfg)
-    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    run = tmp_path / "run"
+    stages = json.loads((run / "stages.json").read_text())
     assert set(stages) == {"generate", "train", "pseudo_1", "selftrain_1", "test"}
     assert stages["generate"]["samples"] + stages["generate"]["dropped"] == 24
     assert stages["generate"]["mean_foreground"] > 0.02  # the attention found objects
     assert 0 <= metrics["test/mIoU"] <= 1 and 0 <= metrics["test/mIoU_tta"] <= 1
     assert (tmp_path / "syn" / "grid.png").is_file()
+    # the test split is used once, at the end: the train stage's log has no test/ metric
+    train_log = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    final_log = (run / "csv" / "selftrain_1" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "tune/mIoU" in train_log and not any(c.startswith("test/") for c in train_log)
+    assert "test/mIoU" in final_log
+    assert metrics["tune/mIoU"] == metrics["selftrain_1/tune/mIoU"] and metrics["ckpt"] == "last"
+
+    # a later run with num_images=16 on the same (24-sample) folder: train, pseudo-labels and round 2 read 0..15
+    kept = {e["id"] for e in map(json.loads, (tmp_path / "syn" / "manifest.jsonl").read_text().splitlines())}
+    small = make_cfg([*common, "synthetic.num_images=16", "max_steps=2", "test=false"], output_dir=tmp_path / "small")
+    _, objects = train(small)
+    expected = sorted(i for i in kept if int(i) < 16)
+    pseudo = [json.loads(line)["id"] for line in (tmp_path / "small" / "pseudo_1" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(pseudo) == expected and len(kept) > len(expected)
+    assert objects["datamodule"].datasets["train"].ids == expected  # round 2's training set
