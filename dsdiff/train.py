@@ -66,6 +66,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"trainer.max_steps={max_steps} trains nothing (an untrained network would be tested and pseudo-label): "
             "set max_steps=<optimizer steps> (the paper: 20000 VOC, 40000 COCO), or train=false ckpt_path=FILE to only test")
+    if not cfg.get("train") and cfg.get("test") and not cfg.get("ckpt_path") and not cfg.get("resume"):
+        raise ValueError("train=false test=true would test an untrained network: pass ckpt_path=<a checkpoint> "
+                         "(e.g. <run dir>/checkpoints/last.ckpt), or resume=<run dir>")
     selftrain = cfg.get("selftrain") or {}
     if selftrain.get("mode", "replace") not in ("replace", "fill_uncertain", "confident"):
         raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use replace, fill_uncertain or confident")

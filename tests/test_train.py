@@ -163,3 +163,10 @@ def test_no_tune_split_means_zero_real_labels_and_no_curves(make_cfg, voc_root, 
     assert not any(k.startswith("tune/") for k in metrics) and 0 <= metrics["test/mIoU"] <= 1
     assert metrics["ckpt_path"] == str(tmp_path / "checkpoints" / "last.ckpt") and objects["trainer"].global_step == 4
     assert not list((tmp_path / "images").glob("tune_step*.png"))
+
+
+def test_testing_without_training_needs_a_checkpoint(make_cfg, voc_root, tmp_path):
+    cfg = make_cfg(["+experiment=voc_real", f"paths.voc={voc_root}", "logger=csv", "train=false"], output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"train=false test=true would test an untrained network: pass ckpt_path="):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
