@@ -254,6 +254,13 @@ def test_coco_subset_builds_only_its_masks(coco_root, coco_expected, tmp_path):
     assert len(ds) == 2 and set(ds.ids) <= set(coco_expected["masks"]["train"])
     assert {p.stem for p in cache.iterdir()} == set(ds.ids)
     assert COCOSegmentation(coco_root, "train", cache_dir=cache, subset=2, subset_seed=0).ids == ds.ids
+    listed = tmp_path / "tune.txt"
+    chosen = sorted(coco_expected["masks"]["train"])[-1:]
+    listed.write_text("\n".join(chosen) + "\n")
+    assert COCOSegmentation(coco_root, str(listed), cache_dir=tmp_path / "c2").ids == chosen  # a file: train2017 images
+    listed.write_text("999999999999\n")
+    with pytest.raises(ValueError, match=r"lists 1 images that are not in the train2017 annotations \(999999999999\)"):
+        COCOSegmentation(coco_root, str(listed), cache_dir=tmp_path / "c3")
 
 
 # ---------------------------------------------------------------- transforms

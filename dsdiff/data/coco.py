@@ -83,8 +83,31 @@ def load_annotations(root: Path, split: str) -> tuple[list[dict], dict[int, list
     return images, by_image
 
 
-def select_images(images: list[dict], subset: int | None, seed: int) -> list[dict]:
-    """``subset`` images drawn with ``seed`` (see ``voc.draw_subset``), in id order; all with None."""
+def resolve_split(split: str) -> tuple[str, Path | None]:
+    """(COCO split, id-list file or None): a ``split`` ending in .txt (or naming a file) lists train2017 images."""
+    if split in SPLITS:
+        return split, None
+    path = Path(split).expanduser()
+    if str(split).endswith(".txt") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"no split file {path}: pass an existing list of train2017 image names "
+                                    f"(one file stem such as 000000000139 per line), or one of {SPLITS}")
+        return "train", path
+    raise ValueError(f"unknown COCO split {split!r}; expected one of {SPLITS} or a .txt list of train2017 images")
+
+
+def select_images(images: list[dict], subset: int | None, seed: int, listed: Path | None = None) -> list[dict]:
+    """The images named in ``listed`` (all of them), else ``subset`` drawn with ``seed`` (``voc.draw_subset``); id order."""
+    if listed is not None:
+        names = [Path(line.split()[0]).stem for line in listed.read_text().splitlines() if line.strip()]
+        by_stem = {Path(im["file_name"]).stem: im for im in images}
+        unknown = [n for n in names if n not in by_stem]
+        if unknown or not names:
+            raise ValueError(f"{listed} lists {len(unknown)} images that are not in the train2017 annotations "
+                             f"({', '.join(unknown[:SHOW])}{', ...' if len(unknown) > SHOW else ''}): list train2017 "
+                             "file stems, one per line" if names else f"{listed} lists no images; expected one per line")
+        keep = set(names)
+        return [im for im in images if Path(im["file_name"]).stem in keep]
     keep = set(draw_subset([str(im["id"]) for im in images], subset, seed))
     return [im for im in images if str(im["id"]) in keep]
 
@@ -137,7 +160,8 @@ class COCOSegmentation(Dataset):
     ``name`` is the file stem ("000000000139"). Masks come from the PNG cache that
     ``prepare_data`` writes (default ``root/dsdiff_masks/<split>2017``); crowd regions are 255.
     ``subset=N`` keeps N images drawn with ``subset_seed`` (the tune split), and only their masks
-    are built. A missing images folder or image file fails here, naming them.
+    are built; a ``split`` ending in ``.txt`` lists train2017 images to use (all of them).
+    A missing images folder or image file fails here, naming them.
     """
 
     classes = COCO_CLASSES
@@ -147,12 +171,13 @@ class COCOSegmentation(Dataset):
                  transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None,
                  cache_dir: str | Path | None = None, subset: int | None = None, subset_seed: int = 0) -> None:
         self.root = Path(root).expanduser()
+        split, listed = resolve_split(split)
         self.split = split
         self.transform = transform
         self.image_dir = self.root / f"{split}2017"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root, split)
         images, by_image = load_annotations(self.root, split)
-        images = select_images(images, subset, subset_seed)
+        images = select_images(images, subset, subset_seed, listed)
         check_images(self.image_dir, images)
         todo = missing_masks(images, self.cache_dir)
         if todo:  # what prepare_data does, without reading the JSON a second time
@@ -170,9 +195,10 @@ class COCOSegmentation(Dataset):
                      subset: int | None = None, subset_seed: int = 0) -> Path:
         """Write the missing semantic-mask PNGs of a split (idempotent, atomic); return the cache dir."""
         root = Path(root).expanduser()
+        split, listed = resolve_split(split)
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root, split)
         images, by_image = load_annotations(root, split)
-        images = select_images(images, subset, subset_seed)
+        images = select_images(images, subset, subset_seed, listed)
         check_images(root / f"{split}2017", images)
         todo = missing_masks(images, cache_dir)
         if todo:
