@@ -12,6 +12,7 @@ from typing import Any
 import hydra
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -103,6 +104,17 @@ class CSVLogger(_LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def trainer_callbacks(callbacks: list[Callback], loggers: list[Logger]) -> list[Callback]:
+    """The callbacks a Trainer gets: without those that need a logger when there is none (``logger=none``),
+    plus :class:`TrainBatchGuard`."""
+    if not loggers:
+        dropped = [type(c).__name__ for c in callbacks if isinstance(c, LearningRateMonitor)]
+        if dropped:
+            log.info("no logger (logger=none): %s left out", ", ".join(dropped))
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return [*callbacks, TrainBatchGuard()]
 
 
 class TrainBatchGuard(Callback):

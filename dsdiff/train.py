@@ -30,13 +30,13 @@ from dsdiff.config import config_dir
 from dsdiff.data.synthetic import SyntheticDataset
 from dsdiff.runs import Stages, merge_metrics, open_run
 from dsdiff.runtime import (
-    TrainBatchGuard,
     finish_loggers,
     instantiate_callbacks,
     instantiate_loggers,
     load_weights,
     log_config,
     to_float_dict,
+    trainer_callbacks,
     write_json_atomic,
 )
 
@@ -79,7 +79,7 @@ def _best_checkpoint(trainer: L.Trainer) -> str | None:
 
 def _trainer(cfg: DictConfig, root: Path, loggers: list, callbacks: list | None = None) -> L.Trainer:
     callbacks = instantiate_callbacks(cfg.get("callbacks")) if callbacks is None else callbacks
-    callbacks = [*callbacks, TrainBatchGuard()]
+    callbacks = trainer_callbacks(callbacks, loggers)
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(root / "checkpoints")
