@@ -204,7 +204,7 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises a different type for each way a file can be broken
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}): "
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0].split('. ')[0][:160]}): "
                          "it is truncated or not a checkpoint; pass another checkpoint of the run") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
