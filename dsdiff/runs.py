@@ -188,6 +188,12 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
     diff = [] if (stages.run or {}).get("digest") == new["digest"] and stages.run.get("task_name") == new["task_name"] \
         else identity_diff(stages.run, new)
     if diff and not force:
+        if which is None:  # hydra.run.dir points at an existing run
+            raise ValueError(
+                f"{work} already holds a run with other settings:\n  " + "\n  ".join(diff)
+                + f"\nChoose another hydra.run.dir for a fresh run, or pass resume_force=true to continue that run "
+                f"anyway (the change is recorded in its {STAGES_FILE})."
+            )
         how = "resume=force" if which == "latest" else f"resume={work} resume_force=true"
         raise ValueError(
             f"refusing to resume {work}: it was run with different settings:\n  " + "\n  ".join(diff)
@@ -197,7 +203,8 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
     record = dict(stages.run or {})
     record.setdefault("chain", _chain_name(work))
     record.setdefault("dir", str(work))
-    record["resumes"] = [*record.get("resumes", []), {"time": _now(), "from": str(here)}]
+    if work != here:
+        record["resumes"] = [*record.get("resumes", []), {"time": _now(), "from": str(here)}]
     if diff:
         log.warning("resume: continuing %s with changed settings (recorded):\n  %s", work, "\n  ".join(diff))
         record["changes"] = [*record.get("changes", []), {"time": _now(), "diff": diff}]
