@@ -180,7 +180,7 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
                                     "pass the dir of an earlier run (logs/<task>/runs/<time>), or resume=true")
     stages = Stages(work)
     if work == here and not stages.run:
-        stages.data = {RUN_KEY: {**new, "chain": _chain_name(here), "dir": str(here), "started": _now(),
+        stages.data = {RUN_KEY: {**new, "chain": _chain_name(cfg.task_name, here), "dir": str(here), "started": _now(),
                                  "started_unix": time.time()}, **stages.data}
         stages._save()
         return work, stages
@@ -201,7 +201,7 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
             f"in its {STAGES_FILE})."
         )
     record = dict(stages.run or {})
-    record.setdefault("chain", _chain_name(work))
+    record.setdefault("chain", _chain_name(cfg.task_name, work))
     record.setdefault("dir", str(work))
     if work != here:
         record["resumes"] = [*record.get("resumes", []), {"time": _now(), "from": str(here)}]
@@ -215,10 +215,11 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
     return work, stages
 
 
-def _chain_name(run_dir: Path) -> str:
-    """A W&B group name unique to the chain: the run dir's name, with its sweep's for a sweep trial."""
+def _chain_name(task_name: str, run_dir: Path) -> str:
+    """A W&B group name unique to the chain: task and run dir name (``<sweep dir>-<n>`` for a sweep trial)."""
     run_dir = Path(run_dir)
-    return f"{run_dir.parent.name}-{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+    name = f"{run_dir.parent.name}-{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+    return f"{task_name}-{name}"
 
 
 def chain_of(run_dir: str | Path) -> str | None:

@@ -152,7 +152,7 @@ def test_wandb_groups_by_chain_with_a_job_type_and_a_run_id_fixed_per_stage(make
     work, _ = open_run(make_cfg(["+experiment=voc_real"], output_dir=trial))
     train_stage = instantiate_loggers(loggers_cfg, work)[0]
     self_stage = instantiate_loggers(loggers_cfg, work, stage="selftrain_1")[0]
-    assert train_stage._wandb_init["group"] == self_stage._wandb_init["group"] == "2026-01-01_00-00-00-0"
+    assert train_stage._wandb_init["group"] == self_stage._wandb_init["group"] == "voc_real-2026-01-01_00-00-00-0"
     assert (train_stage._wandb_init["job_type"], self_stage._wandb_init["job_type"]) == ("train", "selftrain_1")
     assert train_stage._wandb_init["dir"] == str(work)  # the run dir, not the logger's configured save_dir
     again = instantiate_loggers(loggers_cfg, work)[0]  # a resumed train stage continues its W&B run
