@@ -200,3 +200,45 @@ def test_identity_ignores_where_outputs_go(make_cfg, tmp_path):
     assert a["digest"] == b["digest"] != c["digest"]
     assert "callbacks" in a["config"] and "dirpath" not in a["config"]["callbacks"]["model_checkpoint"]
     assert json.loads(json.dumps(a["config"])) == a["config"]  # plain values, as stages.json stores them
+
+
+@pytest.mark.slow
+def test_chain_killed_in_generate_is_resumed_not_an_older_run(voc_root, tmp_path, tmp_path_factory):
+    """Issue 11, fault 1 with a real kill: a chain SIGKILLed in its generate stage, rerun with
+    resume=true, used to adopt an older finished run of the task and re-test its model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dsdiff.diffusion.testing import save_tiny_pipeline
+
+    tiny_sd = save_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipeline")
+    logs, runs = tmp_path / "logs", tmp_path / "logs" / "voc_deeplab" / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    base = [sys.executable, "-m", "dsdiff.train", "+experiment=voc_deeplab", "debug=fast", "generator.num_inference_steps=2",
+            "generator.batch_size=1", "synthetic.filters.drop_empty=false", "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "selftrain.rounds=0", f"generator.model={tiny_sd}", f"paths.voc={voc_root}",
+            f"paths.log_dir={logs}"]
+
+    def run(name, *extra):
+        out = subprocess.run([*base, *extra, f"hydra.run.dir={runs / name}"], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    run("older", "synthetic.num_images=4", f"synthetic.dir={tmp_path / 'syn_old'}")
+    older = (runs / "older" / STAGES_FILE).read_text()
+    killed = runs / "killed"
+    cmd = [*base, "synthetic.num_images=40", f"synthetic.dir={tmp_path / 'syn'}", f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "syn").glob("images/*.png")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert set(json.loads((killed / STAGES_FILE).read_text())) == {"run"}  # on record, no stage finished
+    run("again", "synthetic.num_images=40", f"synthetic.dir={tmp_path / 'syn'}", "resume=true")
+    done = json.loads((killed / STAGES_FILE).read_text())
+    assert {"generate", "train", "test"} <= set(done) and done["generate"]["num_images"] == 40
+    assert (runs / "older" / STAGES_FILE).read_text() == older
+    assert json.loads((killed / "metrics.json").read_text())["ckpt_path"].startswith(str(killed))
