@@ -83,7 +83,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = hydra.utils.instantiate(cfg.data, train=None)  # only the test split; a synthetic train set needs no generator here
     # the checkpoint holds every weight: no pretrained encoder download
     net = {"encoder_weights": None} if "encoder_weights" in cfg.model.get("net", {}) else {}
     model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True), **({"net": net} if net else {}))

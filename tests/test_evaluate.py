@@ -107,3 +107,13 @@ def test_evaluate_cli_alone_writes_to_logs_eval(make_cfg, voc_root, tmp_path):
     evaluated = json.loads(out.read_text())
     assert evaluated["test/mIoU"] == pytest.approx(trained["test/mIoU"], abs=1e-6)
     assert evaluated["test/mIoU_tta"] == pytest.approx(trained["test/mIoU_tta"], abs=1e-6)
+
+
+def test_evaluate_a_synthetic_experiment_needs_no_generator_settings(make_cfg, voc_root, tmp_path):
+    """eval.yaml has no synthetic/generator nodes: the experiment's synthetic train set must not be built."""
+    ckpt = _checkpoint(_model(make_cfg, "voc_deeplab"), tmp_path / "model.ckpt")
+    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_root}", f"ckpt_path={ckpt}", "tta=false"],
+                   config_name="eval", output_dir=tmp_path / "eval")
+    metrics, _ = evaluate(cfg)
+    assert 0 <= metrics["test/mIoU"] <= 1
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ckpt_path"] == str(ckpt)
