@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
 from dsdiff.data.synthetic import SyntheticDataset
-from dsdiff.runs import Stages, merge_metrics, open_run
+from dsdiff.runs import STAGES_FILE, Stages, merge_metrics, open_run  # noqa: F401 (STAGES_FILE: kept importable from here)
 from dsdiff.runtime import (
     finish_loggers,
     instantiate_callbacks,
