@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
 
@@ -30,7 +30,8 @@ def asset_path(name: str) -> str:
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("classes"):
-        OmegaConf.register_new_resolver("classes", lambda name: list(get_class_list(name).classes))
+        # a ListConfig, not a list: OmegaConf.resolve (`--cfg job --resolve`) only stores config nodes
+        OmegaConf.register_new_resolver("classes", lambda name: ListConfig(list(get_class_list(name).classes)))
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
 

@@ -1,4 +1,10 @@
-"""`python -m dsdiff.evaluate ckpt_path=FILE +experiment=NAME`: mIoU on the real val split, with and without TTA."""
+"""`python -m dsdiff.evaluate ckpt_path=FILE`: mIoU on the real val split, with and without TTA.
+
+The checkpoint's run config (``.hydra/config.yaml`` in the run dir above the checkpoint) gives the
+data, model and trainer settings; command-line overrides win over it. With ``+experiment=NAME``
+the run config is not read and the experiment's settings are used instead. Results go to
+``logs/eval/runs/<time>/metrics.json``.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,12 +13,69 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dsdiff.config import config_dir
 from dsdiff.runtime import finish_loggers, instantiate_loggers, load_weights, to_float_dict, write_json_atomic
 
 log = logging.getLogger("dsdiff")
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+# this command's own settings: never taken from the run that made the checkpoint
+EVAL_KEYS = ("ckpt_path", "tta", "logger")
+# the training run's settings that mean nothing to an evaluation
+_UNSET = object()
+TRAIN_ONLY = ("callbacks", "resume", "resume_force", "train", "test", "selftrain", "optimized_metric")
+
+
+def find_run_config(ckpt_path: str | Path) -> Path | None:
+    """The ``.hydra/config.yaml`` of the run that wrote ``ckpt_path``: in its folder or one above it."""
+    for folder in Path(ckpt_path).resolve().parents:
+        if (folder / RUN_CONFIG).is_file():
+            return folder / RUN_CONFIG
+    return None
+
+
+def _overridden(overrides: list[str]) -> list[str]:
+    """The config paths the command line set (``model/optimizer=sgd`` -> ``model.optimizer``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    paths = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        path = override.key_or_group.replace("/", ".")
+        if not path.startswith("hydra"):
+            paths.append(path)
+    return paths
+
+
+def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The run config of ``cfg.ckpt_path`` with this command's settings and overrides on top.
+
+    Returns ``cfg`` unchanged when an experiment was named or no run config is found.
+    """
+    paths = _overridden(overrides)
+    if "experiment" in paths:
+        return cfg
+    found = find_run_config(cfg.ckpt_path)
+    if found is None:
+        log.warning("no %s in the folders above %s: evaluating with eval.yaml's data and model (%s); pass "
+                    "+experiment=NAME if the checkpoint was trained otherwise", RUN_CONFIG, cfg.ckpt_path,
+                    cfg.data.get("class_list"))
+        return cfg
+    log.info("settings of the run that wrote the checkpoint: %s", found)
+    run = OmegaConf.load(found)
+    with open_dict(run):
+        for key in TRAIN_ONLY:
+            run.pop(key, None)
+        for key in EVAL_KEYS:
+            run[key] = cfg.get(key)
+        run.paths.output_dir = cfg.paths.output_dir
+        run.paths.log_dir = cfg.paths.log_dir
+        for path in paths:
+            value = OmegaConf.select(cfg, path, default=_UNSET)
+            if path in EVAL_KEYS or value is _UNSET:
+                continue  # set above, or a group with a global package (debug=...)
+            OmegaConf.update(run, path, value, merge=False, force_add=True)
+    return run
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -20,15 +83,19 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True))
+    datamodule = hydra.utils.instantiate(cfg.data, train=None)  # only the test split; a synthetic train set needs no generator here
+    # the checkpoint holds every weight: no pretrained encoder download
+    net = {"encoder_weights": None} if "encoder_weights" in cfg.model.get("net", {}) else {}
+    model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True), **({"net": net} if net else {}))
     load_weights(model, cfg.ckpt_path)
     loggers = instantiate_loggers(cfg.get("logger"), output_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[],
+                                                 default_root_dir=str(output_dir))
     trainer.test(model, datamodule=datamodule)
     metrics = to_float_dict(trainer.callback_metrics)
     print(format_table(metrics))
     write_json_atomic(output_dir / "metrics.json", {**metrics, "ckpt_path": str(cfg.ckpt_path)})
+    log.info("metrics written to %s", output_dir / "metrics.json")
     finish_loggers(loggers)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
@@ -46,7 +113,9 @@ def format_table(metrics: dict[str, float]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    evaluate(with_run_config(cfg, list(HydraConfig.get().overrides.task)))
 
 
 if __name__ == "__main__":

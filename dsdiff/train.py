@@ -9,20 +9,19 @@ With a synthetic training set (``data/train=synthetic``) the stages are::
     test          the final model on the real test split (VOC/COCO: val), plain and with TTA
 
 With real labels (``data/train=voc_real`` ...) only ``train`` and ``test`` run. ``<run>/stages.json``
-records each finished stage; ``resume=true`` (the latest run dir of this task) or ``resume=DIR``
-continues a chain there, skipping finished stages and resuming an interrupted training stage
-from its ``last.ckpt``.
+records the run's identity when it starts and each finished stage (dsdiff.runs); ``resume=true``
+(the latest run of this task, if its settings match) or ``resume=DIR`` continues a chain there,
+skipping finished stages and resuming an interrupted training stage from its ``last.ckpt``.
 
 Protocol: every stage ends with its final weights in ``checkpoints/last.ckpt`` (EMA), and those
 pseudo-label and are tested; nothing is chosen by a metric. Validation runs on ``data.tune``, a
 labelled split disjoint from the test split, and the test split is used once, by ``test``.
 ``<run>/metrics.json`` holds ``test/mIoU``, ``test/mIoU_tta``, the tested file (``ckpt_path``,
 ``ckpt: last``), the final stage's ``tune/mIoU`` (the sweep objective) and every fitted stage's
-metrics under ``<stage>/``.
+metrics under ``<stage>/``; a resumed chain merges into it.
 """
 from __future__ import annotations
 
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -30,13 +29,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
 from dsdiff.data.synthetic import SyntheticDataset
 from dsdiff.models.checkpoint import LastCheckpoint
+from dsdiff.runs import STAGES_FILE, Stages, merge_metrics, open_run  # noqa: F401 (STAGES_FILE: kept importable from here)
 from dsdiff.runtime import (
     finish_loggers,
     instantiate_callbacks,
@@ -44,11 +43,11 @@ from dsdiff.runtime import (
     load_weights,
     log_config,
     to_float_dict,
+    trainer_callbacks,
     write_json_atomic,
 )
 
 log = logging.getLogger("dsdiff")
-STAGES_FILE = "stages.json"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -69,6 +68,9 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.get("train") and cfg.get("test") and not cfg.get("ckpt_path") and not cfg.get("resume"):
         raise ValueError("train=false test=true would test an untrained network: pass ckpt_path=<a checkpoint> "
                          "(e.g. <run dir>/checkpoints/last.ckpt), or resume=<run dir>")
+    if int(cfg.data.get("batch_size", 2)) < 2:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size}: the segmenter's BatchNorm layers need at least 2 "
+                         "images per training batch; use data.batch_size=2 or more")
     selftrain = cfg.get("selftrain") or {}
     if selftrain.get("mode", "replace") not in ("replace", "fill_uncertain", "confident"):
         raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use replace, fill_uncertain or confident")
@@ -76,42 +78,6 @@ def check_config(cfg: DictConfig) -> None:
 
 def uses_synthetic(cfg: DictConfig) -> bool:
     return str(cfg.data.get("train", {}).get("_target_", "")).endswith("synthetic_train_set")
-
-
-class Stages:
-    """``<run>/stages.json``: finished stages and what they produced (written atomically, by rank 0)."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.path = work_dir / STAGES_FILE
-        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def get(self, name: str) -> dict | None:
-        return self.data.get(name)
-
-    def mark(self, name: str, info: dict[str, Any]) -> None:
-        self.data[name] = info
-        if rank_zero_only.rank == 0:
-            write_json_atomic(self.path, self.data)
-
-
-def work_dir(cfg: DictConfig) -> Path:
-    """Where this chain's stage outputs live: the run dir, or the one being resumed."""
-    resume, here = cfg.get("resume"), Path(cfg.paths.output_dir)
-    if not resume:
-        return here
-    if resume is True or str(resume).lower() == "true":
-        runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
-        found = sorted((p.parent for p in runs.glob(f"*/{STAGES_FILE}") if p.parent.resolve() != here.resolve()),
-                       key=lambda p: p.stat().st_mtime)
-        if not found:
-            log.warning("resume=true: no earlier run of %s under %s; starting in %s", cfg.task_name, runs, here)
-            return here
-        log.info("resuming the chain in %s", found[-1])
-        return found[-1]
-    path = Path(str(resume)).expanduser()
-    if not (path / STAGES_FILE).is_file() and not (path / "checkpoints").is_dir():
-        raise FileNotFoundError(f"resume={path}: no {STAGES_FILE} or checkpoints/ there; pass a run dir of an earlier run, or resume=true")
-    return path
 
 
 def _final_checkpoint(trainer: L.Trainer) -> str | None:
@@ -126,6 +92,7 @@ def _final_checkpoint(trainer: L.Trainer) -> str | None:
 
 def _trainer(cfg: DictConfig, root: Path, loggers: list, callbacks: list | None = None) -> L.Trainer:
     callbacks = instantiate_callbacks(cfg.get("callbacks")) if callbacks is None else callbacks
+    callbacks = trainer_callbacks(callbacks, loggers)
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(root / "checkpoints")
@@ -170,8 +137,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    work = work_dir(cfg)
-    stages = Stages(work)
+    work, stages = open_run(cfg)  # records the run's identity before its first stage
     synthetic = uses_synthetic(cfg)
     metrics: dict[str, Any] = {}
     model = datamodule = trainer = None
@@ -242,6 +208,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(tested)
         stages.mark("test", {"checkpoint": ckpt, "ckpt": metrics["ckpt"], "metrics": tested})
 
+    metrics = merge_metrics(work, stages, metrics)  # a resumed chain keeps its earlier stages' metrics
     for out in {work, Path(cfg.paths.output_dir)}:
         write_json_atomic(out / "metrics.json", metrics)
     log.info("metrics written to %s", work / "metrics.json")

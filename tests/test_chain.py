@@ -36,7 +36,7 @@ def test_chain_runs_every_stage_logs_to_wandb_and_resumes_without_redoing(make_c
     metrics, objects = train(make_cfg(overrides, output_dir=tmp_path / "run"))
     run = tmp_path / "run"
     stages = json.loads((run / "stages.json").read_text())
-    assert set(stages) == {"generate", "train", "pseudo_1", "selftrain_1", "test"}
+    assert set(stages) == {"run", "generate", "train", "pseudo_1", "selftrain_1", "test"}
     saved = json.loads((run / "metrics.json").read_text())
     assert 0 <= saved["test/mIoU"] <= 1 and 0 <= saved["test/mIoU_tta"] <= 1
     # the final weights of each stage, never a checkpoint chosen on a split: last.ckpt at the final step
@@ -110,7 +110,7 @@ def test_chain_killed_between_stages_resumes(tiny_sd, voc_root, tmp_path):
     assert "stage generate: done in an earlier run" in log and "stage train: done in an earlier run" in log
     assert os.stat(train_ckpt).st_mtime_ns == mtime
     final = json.loads((first / "stages.json").read_text())
-    assert set(final) == {"generate", "train", "pseudo_1", "selftrain_1", "test"}
+    assert set(final) == {"run", "generate", "train", "pseudo_1", "selftrain_1", "test"}
     metrics = json.loads((first / "metrics.json").read_text())
     assert "test/mIoU" in metrics and "test/mIoU_tta" in metrics
 
@@ -224,7 +224,7 @@ def test_shapes_deeplab_runs_the_whole_method_offline(make_cfg, tmp_path):
     metrics, _ = train(cfg)
     run = tmp_path / "run"
     stages = json.loads((run / "stages.json").read_text())
-    assert set(stages) == {"generate", "train", "pseudo_1", "selftrain_1", "test"}
+    assert set(stages) == {"run", "generate", "train", "pseudo_1", "selftrain_1", "test"}
     assert stages["generate"]["samples"] + stages["generate"]["dropped"] == 24
     assert stages["generate"]["mean_foreground"] > 0.02  # the attention found objects
     assert 0 <= metrics["test/mIoU"] <= 1 and 0 <= metrics["test/mIoU_tta"] <= 1

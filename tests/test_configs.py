@@ -87,3 +87,61 @@ def test_configs_ship_with_the_package():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert '"conf" = "dsdiff/conf"' in pyproject
     assert (config_dir() / "train.yaml").is_file() and (config_dir() / "eval.yaml").is_file()
+
+
+def _compose(overrides, conf=None, config_name="train"):
+    """Compose as the CLI does, paths untouched (make_cfg redirects them into tmp_path)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf or config_dir()), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_debug_fast_is_a_smoke_run_under_logs_debug(experiment, monkeypatch):
+    """Issue 11: debug=fast on voc_deeplab kept 40,000 images at 100 steps in the real synthetic cache,
+    and its runs landed in logs/<task>/runs, where resume=true of the real task looks."""
+    monkeypatch.delenv("DSDIFF_ROOT", raising=False)
+    real = _compose([f"+experiment={experiment}"])
+    cfg = _compose([f"+experiment={experiment}", "debug=fast"])
+    assert cfg.synthetic.num_images <= 8 and cfg.generator.num_inference_steps <= 2
+    assert cfg.hydra.run.dir.startswith(f"./logs/debug/{experiment}/runs/")
+    assert real.hydra.run.dir.startswith(f"./logs/{experiment}/runs/")
+    assert cfg.synthetic.dir == f"./logs/debug/{experiment}/synthetic" != real.synthetic.dir
+
+
+def test_debug_fast_values_for_voc_deeplab(monkeypatch):
+    monkeypatch.delenv("DSDIFF_ROOT", raising=False)
+    cfg = _compose(["+experiment=voc_deeplab", "debug=fast"])
+    assert cfg.task_name == "voc_deeplab" and cfg.synthetic.dir == "./logs/debug/voc_deeplab/synthetic"
+    assert (cfg.synthetic.num_images, cfg.generator.num_inference_steps) == (8, 2)
+    assert cfg.model.net.encoder_name == "resnet18" and cfg.trainer.max_steps == 10
+
+
+def test_cfg_job_resolve_resolves_the_class_names(make_cfg):
+    """Issue 11: `--cfg job --resolve` crashed: OmegaConf.resolve (what Hydra runs for --resolve) refused
+    the plain list the classes resolver returned."""
+    cfg = job_config(make_cfg(["+experiment=voc_deeplab"]))
+    OmegaConf.resolve(cfg)
+    assert list(cfg.model.class_names)[:2] == ["background", "aeroplane"] and len(cfg.model.class_names) == 21
+    assert "${" not in OmegaConf.to_yaml(cfg)
+
+
+@pytest.mark.parametrize("header", ["", "# @package _global_\n"])
+def test_local_config_sets_global_keys_with_or_without_the_package_line(tmp_path, header):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config_dir(), conf)
+    (conf / "local").mkdir(exist_ok=True)
+    (conf / "local" / "default.yaml").write_text(header + "paths:\n  voc: /data/VOC2012\n")
+    for config_name in ("train", "eval"):
+        cfg = _compose(["+experiment=voc_real", "ckpt_path=x"] if config_name == "eval" else ["+experiment=voc_real"],
+                       conf=conf, config_name=config_name)
+        assert cfg.paths.voc == "/data/VOC2012" and "local" not in cfg
+    cfg = _compose(["+experiment=voc_real", "paths.voc=/cli"], conf=conf)
+    assert cfg.paths.voc == "/cli"  # the command line still wins
