@@ -6,14 +6,18 @@ Each line is one generation request: ``{"id", "prompt", "class_ids", "class_word
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from dsdiff.data.classes import get_class_list
-from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE, build_records, fit_prompt, load_captions, write_jsonl
+from dsdiff.diffusion.prompts import (DEFAULT_TEMPLATE, PromptRecord, build_records, fit_prompt, image_key, load_captions,
+                                     parse_jsonl_line, write_jsonl)
 
 log = logging.getLogger("dsdiff.prompts")
 
@@ -64,6 +68,234 @@ def load_tokenizer(path: str):
         return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     except OSError as e:
         raise FileNotFoundError(f"no CLIP tokenizer at {path!r}: pass --tokenizer <pipeline or tokenizer folder>") from e
+
+
+# ---- the prompts stage (conf/prompts): what `generate` runs when no prompts file is given ---------
+
+def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dict[str, Path]]:
+    from dsdiff.data.voc import VOCSegmentation
+
+    voc = VOCSegmentation(root, split)
+    return voc.image_labels(), {name: voc.image_path(name) for name in voc.ids}
+
+
+def stage_plan(cfg) -> dict:
+    """Check ``cfg.prompts`` and read the dataset's labels (and captions) it needs, writing nothing.
+
+    Returns ``{"settings"}`` (what decides the prompts; its digest names the cache) plus
+    ``labels`` {image id: class ids}, ``class_names``, and either ``captions`` pairs (a given
+    or COCO captions file) or ``images`` {image id: path} to caption with ``prompts.captioner``.
+    """
+    from dsdiff.generation import to_plain
+
+    p = to_plain(cfg.prompts)
+    source, class_list = p.get("source"), str(cfg.data.class_list)
+    if source not in ("captions", "templates"):
+        raise ValueError(f"prompts.source={source!r}: use captions (the paper's) or templates (class-only prompts)")
+    if class_list not in ("voc", "coco"):
+        raise ValueError(f"prompts.source=captions needs VOC or COCO labels, but data.class_list={class_list!r}: "
+                         "pass prompts.source=templates, or synthetic.prompts=<file from python -m dsdiff.prompts --labels>")
+    per_image = p.get("per_image")
+    if per_image is not None and int(per_image) < 1:
+        raise ValueError(f"prompts.per_image={per_image}: use 1 or more, or null for all")
+    split = str(p.get("split") or "train")
+    root = Path(str(cfg.paths[class_list])).expanduser()
+    settings = {"class_list": class_list, "source": source, "root": str(root.resolve()), "split": split,
+                "per_image": per_image, "template": p.get("template") or DEFAULT_TEMPLATE}
+    plan = {"settings": settings, "class_names": get_class_list(class_list).classes}
+    captions_file = p.get("captions")
+    if class_list == "coco" and not captions_file:
+        captions_file = root / "annotations" / f"captions_{split}2017.json"
+        if not captions_file.is_file():
+            raise FileNotFoundError(f"no COCO captions at {captions_file} (paths.coco={str(root)!r}): add COCO's "
+                                    "annotations there, or pass prompts.captions=<captions file>, or prompts.source=templates")
+    if captions_file:
+        path = Path(str(captions_file)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts.captions={str(captions_file)!r}: no such file; pass a COCO captions JSON or "
+                                    "a JSONL of {\"image\", \"caption\"}, or prompts.captions=null to caption with prompts.captioner")
+        settings["captions"] = {"file": str(path.resolve()), "sha256": _file_digest(path)}
+        plan["captions"] = load_captions(path)
+        plan["labels"] = (dataset_image_labels("coco", str(root), split) if class_list == "coco"
+                          else _voc_images(root, split)[0])
+        return plan
+    prefixes = [str(x).strip() for x in (p.get("prefixes") or []) if str(x).strip()]
+    if not prefixes:
+        raise ValueError("prompts.prefixes is empty: give the captioner at least one prefix, e.g. ['a photo of']")
+    if per_image is not None:
+        if int(per_image) > len(prefixes):
+            raise ValueError(f"prompts.per_image={per_image} but prompts.prefixes has {len(prefixes)}: "
+                             "one caption per prefix, so add prefixes or lower per_image")
+        prefixes = prefixes[: int(per_image)]
+    settings.update(captioner=str(p.get("captioner")), prefixes=prefixes, max_new_tokens=int(p.get("max_new_tokens", 30)))
+    labels, images = _voc_images(root, split)
+    plan["labels"] = labels
+    plan["images"] = {name: images[name] for name in sorted(labels) if labels[name]}  # background-only: no prompt
+    return plan
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def interleave(records: list[PromptRecord]) -> list[PromptRecord]:
+    """Every image's first prompt, then every image's second, ...: generation takes record ``i mod R``,
+    so a run shorter than the prompts file still covers as many images as it can."""
+    rank: dict[str | None, int] = {}
+    keyed = []
+    for order, r in enumerate(records):
+        k = rank[r.image_id] = rank.get(r.image_id, -1) + 1
+        keyed.append((k, order, r))
+    return [r for _, _, r in sorted(keyed, key=lambda t: t[:2])]
+
+
+def _rank() -> int:
+    return max(int(os.environ.get(k, 0) or 0) for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    from dsdiff.runtime import write_text_atomic as write  # lazily: it imports torch and Lightning
+
+    return write(path, text)
+
+
+def _read_partial(path: Path) -> dict[str, list[str]]:
+    """Captions already written (``{"image", "caption"}`` lines); a line cut by a kill is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    done: dict[str, list[str]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse_jsonl_line(line, path, n)
+        except ValueError:
+            if n < len(lines):
+                raise
+            log.warning("%s:%d: dropping a line cut short by an interrupted run", path, n)
+            write_text_atomic(path, "".join(x + "\n" for x in lines[: n - 1]))
+            break
+        if not isinstance(row.get("caption"), list) or "image" not in row:
+            raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\": [...]}}: delete {path} to caption again")
+        done[str(row["image"])] = list(row["caption"])
+    return done
+
+
+def caption_images(images: dict[str, Path], prefixes: list[str], partial: Path, load_captioner,
+                   batch_size: int = 16, before_write=None) -> dict[str, list[str]]:
+    """Caption each image once per prefix, appending ``{"image", "caption": [...]}`` lines to ``partial``.
+
+    Images already in ``partial`` are not captioned again. ``load_captioner()`` is called (and
+    ``before_write()`` after it) only when something is left, before anything is written.
+    """
+    from PIL import Image
+
+    done = _read_partial(partial)
+    pending = [name for name in images if name not in done]
+    log.info("prompts: %d of %d images captioned, %d to caption", len(images) - len(pending), len(images), len(pending))
+    if not pending:
+        return done
+    captioner = load_captioner()
+    if before_write is not None:
+        before_write()
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    start, step, next_log = time.monotonic(), max(1, int(batch_size)), 0.0
+    with open(partial, "a", encoding="utf-8") as f:
+        for b in range(0, len(pending), step):
+            names = pending[b : b + step]
+            pics = [Image.open(images[n]).convert("RGB") for n in names]
+            per_prefix = [captioner(pics, prefix) for prefix in prefixes]
+            for k, name in enumerate(names):
+                done[name] = [caps[k] for caps in per_prefix]
+                f.write(json.dumps({"image": name, "caption": done[name]}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            finished = b + len(names)
+            if finished / len(pending) >= next_log or finished == len(pending):
+                rate = finished / max(time.monotonic() - start, 1e-9)
+                log.info("prompts: captioned %d/%d images (%.2f img/s, ETA %.0f s)", finished, len(pending), rate,
+                         (len(pending) - finished) / rate)
+                next_log += 0.05
+    return done
+
+
+def ensure_prompts(cfg, load_captioner=None) -> Path | None:
+    """The finished prompts JSONL for ``cfg.prompts`` (built, or finished, when needed); None for templates.
+
+    The file is ``<prompts.dir>/<class list>-<source>-<settings digest>.jsonl`` with the settings
+    next to it (``.json``), so other settings build their own file and never adopt this one.
+    Captioning appends each finished image to ``<stem>.captions.partial.jsonl``: a rerun after a
+    crash captions only the images left, then the prompts file is written atomically and the
+    partial file renamed to ``<stem>.captions.jsonl`` (a captions file for ``prompts.captions``).
+    """
+    p = cfg.get("prompts")
+    if p is None or p.get("source", "templates") == "templates":
+        if p is not None and p.get("source") not in (None, "templates"):
+            raise ValueError(f"prompts.source={p.get('source')!r}: use captions or templates")
+        return None
+    plan = stage_plan(cfg)
+    settings = plan["settings"]
+    stem = f"{settings['class_list']}-{settings['source']}-{settings_digest(settings)}"
+    folder = Path(str(p.get("dir") or "prompts")).expanduser()
+    out, meta, partial = folder / f"{stem}.jsonl", folder / f"{stem}.json", folder / f"{stem}.captions.partial.jsonl"
+    if meta.is_file():
+        made = json.loads(meta.read_text())
+        if made != settings:
+            diff = sorted(k for k in set(made) | set(settings) if made.get(k) != settings.get(k))
+            raise ValueError(f"{meta} was made with other prompts settings ({', '.join(diff)}): delete {folder / stem}.* to rebuild")
+    if out.is_file() and meta.is_file():
+        log.info("prompts: %s is done (reuse it anywhere with synthetic.prompts=%s)", out, out)
+        return out
+    if _rank() != 0:
+        return _wait_for(out)
+
+    def mark_started() -> None:
+        write_text_atomic(meta, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+    captions = plan.get("captions")
+    if captions is None:
+        if load_captioner is None:
+            from dsdiff.captioner import Captioner
+
+            def load_captioner():
+                return Captioner.from_pretrained(settings["captioner"], device=p.get("device", "auto"),
+                                                 max_new_tokens=settings["max_new_tokens"])
+        done = caption_images(plan["images"], settings["prefixes"], partial, load_captioner,
+                              batch_size=int(p.get("batch_size", 16)), before_write=mark_started)
+        captions = [(image_key(name), c) for name in plan["images"] for c in done[name]]
+    records = interleave(build_records(plan["labels"], plan["class_names"], captions, template=settings["template"],
+                                       max_captions=settings["per_image"]))
+    if not records:
+        raise ValueError(f"no prompt records: no image of {settings['root']} (split {settings['split']}) has a class; "
+                         "check paths and prompts.split")
+    if not meta.is_file():
+        mark_started()
+    write_jsonl(records, out)
+    if partial.is_file():
+        os.replace(partial, folder / f"{stem}.captions.jsonl")
+    n_images = len({r.image_id for r in records})
+    log.info("prompts: wrote %d prompts for %d images to %s", len(records), n_images, out)
+    return out
+
+
+def _wait_for(path: Path, poll_s: float = 5.0) -> Path:
+    """Other ranks wait for rank 0's prompts file (one process captions; a shared file system is assumed)."""
+    waited = 0.0
+    while not path.is_file():
+        if waited % 60 < poll_s:
+            log.info("prompts: waiting for rank 0 to write %s", path)
+        time.sleep(poll_s)
+        waited += poll_s
+    return path
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
