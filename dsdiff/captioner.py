@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger("dsdiff")
 
-FIX_HINT = ("pass prompts.captioner=<hub id or local BLIP folder (save_pretrained layout)>, or "
+FIX_HINT = ("Pass prompts.captioner=<hub id or local BLIP folder (save_pretrained layout)>, or "
             "prompts.captions=<captions file: COCO captions JSON or JSONL {\"image\", \"caption\"}>, "
             "or prompts.source=templates for class-only prompts")
 
@@ -54,9 +54,11 @@ class Captioner:
             processor = BlipProcessor.from_pretrained(source)
             model = BlipForConditionalGeneration.from_pretrained(source)
         except (OSError, ValueError) as e:  # not cached and offline, no such repo, not a BLIP folder
-            where = f"local folder {local}" if local.is_dir() else f"{name!r} (no such local folder, and the hub gave no model)"
-            raise RuntimeError(f"cannot load the image captioner prompts.captioner={name!r} from {where}: "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}. {FIX_HINT}") from e
+            where = (f"the local folder {local} is not a BLIP model" if local.is_dir() else
+                     "it is no local folder, and the Hugging Face hub did not give it (offline, or no such repo)")
+            reason = (str(e).split(". ")[0] or type(e).__name__).strip()
+            raise RuntimeError(f"cannot load the image captioner prompts.captioner={name!r}: {where} ({reason}). "
+                               f"{FIX_HINT}") from e
         log.info("captioner %s on %s", name, device_)
         return cls(model.to(device_, dtype=dtype), processor, device_, max_new_tokens)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.prompts import (DEFAULT_TEMPLATE, PromptRecord, build_records, fit_prompt, image_key, load_captions,
-                                     parse_jsonl_line, write_jsonl)
+                                     parse_jsonl_line, read_jsonl, write_jsonl)
 
 log = logging.getLogger("dsdiff.prompts")
 
@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   python -m dsdiff.prompts --dataset coco --root data/coco --split train \\
       --captions data/coco/annotations/captions_train2017.json --max-captions 2 --out prompts/coco.jsonl
   python -m dsdiff.prompts --labels labels.json --classes voc --out prompts/templates.jsonl
+  python -m dsdiff.prompts --dataset voc --root data/VOCdevkit/VOC2012 --split train \\
+      --captioner Salesforce/blip-image-captioning-large --out prompts/voc_blip.jsonl
 
 captions: COCO captions JSON, JSONL lines {"image": ..., "caption": ...}, or text with
 one "<image>\\t<caption>" (or a bare caption, whose classes are read from its words) per line.
@@ -228,11 +230,12 @@ def caption_images(images: dict[str, Path], prefixes: list[str], partial: Path, 
     return done
 
 
-def ensure_prompts(cfg, load_captioner=None) -> Path | None:
+def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | None:
     """The finished prompts JSONL for ``cfg.prompts`` (built, or finished, when needed); None for templates.
 
-    The file is ``<prompts.dir>/<class list>-<source>-<settings digest>.jsonl`` with the settings
-    next to it (``.json``), so other settings build their own file and never adopt this one.
+    The file is ``out``, by default ``<prompts.dir>/<class list>-<source>-<settings digest>.jsonl``,
+    with the settings next to it (``<stem>.json``), so other settings build their own file and a
+    file made with other settings is refused, never adopted.
     Captioning appends each finished image to ``<stem>.captions.partial.jsonl``: a rerun after a
     crash captions only the images left, then the prompts file is written atomically and the
     partial file renamed to ``<stem>.captions.jsonl`` (a captions file for ``prompts.captions``).
@@ -244,14 +247,17 @@ def ensure_prompts(cfg, load_captioner=None) -> Path | None:
         return None
     plan = stage_plan(cfg)
     settings = plan["settings"]
-    stem = f"{settings['class_list']}-{settings['source']}-{settings_digest(settings)}"
-    folder = Path(str(p.get("dir") or "prompts")).expanduser()
-    out, meta, partial = folder / f"{stem}.jsonl", folder / f"{stem}.json", folder / f"{stem}.captions.partial.jsonl"
+    if out is None:
+        stem = f"{settings['class_list']}-{settings['source']}-{settings_digest(settings)}"
+        out = Path(str(p.get("dir") or "prompts")).expanduser() / f"{stem}.jsonl"
+    out = Path(out)
+    meta, partial = out.with_suffix(".json"), out.with_name(f"{out.stem}.captions.partial.jsonl")
     if meta.is_file():
         made = json.loads(meta.read_text())
         if made != settings:
             diff = sorted(k for k in set(made) | set(settings) if made.get(k) != settings.get(k))
-            raise ValueError(f"{meta} was made with other prompts settings ({', '.join(diff)}): delete {folder / stem}.* to rebuild")
+            raise ValueError(f"{meta} was made with other prompts settings ({', '.join(diff)}): "
+                             f"delete {out.with_suffix('')}.* to rebuild, or write elsewhere")
     if out.is_file() and meta.is_file():
         log.info("prompts: %s is done (reuse it anywhere with synthetic.prompts=%s)", out, out)
         return out
@@ -281,7 +287,7 @@ def ensure_prompts(cfg, load_captioner=None) -> Path | None:
         mark_started()
     write_jsonl(records, out)
     if partial.is_file():
-        os.replace(partial, folder / f"{stem}.captions.jsonl")
+        os.replace(partial, out.with_name(f"{out.stem}.captions.jsonl"))
     n_images = len({r.image_id for r in records})
     log.info("prompts: wrote %d prompts for %d images to %s", len(records), n_images, out)
     return out
@@ -317,7 +323,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-captions", type=int, default=None, help="captions used per image (default: all)")
     p.add_argument("--no-append-classes", action="store_true", help="do not append '; <class words>' to prompts")
     p.add_argument("--tokenizer", help="pipeline/tokenizer folder or hub id: truncate prompts over its limit now")
+    cap = p.add_argument_group("captioning a VOC folder (the prompts stage of `generate`, resumable)")
+    cap.add_argument("--captioner", help="BLIP hub id or local folder: caption the images, one caption per prefix")
+    cap.add_argument("--prefixes", nargs="+", default=None, help="conditional text per caption (default: conf/prompts)")
+    cap.add_argument("--batch-size", type=int, default=16, help="images per captioner forward pass")
+    cap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     args = p.parse_args(argv)
+    if args.captioner and (args.dataset != "voc" or args.captions or args.labels or args.no_append_classes):
+        p.error("--captioner captions a VOC folder: use it with --dataset voc --root DIR, without --captions/--labels")
     if bool(args.dataset) == bool(args.labels):
         p.error("pass exactly one of --dataset (with --root) or --labels")
     if args.dataset and not args.root:
@@ -330,6 +343,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.captioner:
+        return _caption_cli(args)
     class_names = get_class_list(args.classes or args.dataset).classes
     if args.labels:
         image_labels = {str(k): list(v) for k, v in json.loads(Path(args.labels).read_text()).items()}
@@ -347,6 +362,29 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out = write_jsonl(records, args.out)
     n_images = len({r.image_id for r in records if r.image_id is not None})
     log.info("wrote %d prompts for %d of %d images to %s", len(records), n_images, len(image_labels), out)
+    return out
+
+
+def _caption_cli(args: argparse.Namespace) -> Path:
+    """``--captioner``: the prompts stage with conf/prompts' defaults and an explicit output file."""
+    from omegaconf import OmegaConf
+
+    from dsdiff.config import config_dir
+
+    prompts = OmegaConf.load(config_dir() / "prompts" / "default.yaml")
+    overrides = {"source": "captions", "captioner": args.captioner, "split": args.split, "template": args.template,
+                 "per_image": args.max_captions, "batch_size": args.batch_size, "device": args.device, "dir": None}
+    if args.prefixes:
+        overrides["prefixes"] = args.prefixes
+    cfg = OmegaConf.create({"data": {"class_list": "voc"}, "paths": {"voc": args.root},
+                            "prompts": OmegaConf.merge(prompts, overrides)})
+    out = ensure_prompts(cfg, out=Path(args.out))
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+        records = read_jsonl(out)
+        for r in records:
+            r.prompt = fit_prompt(tokenizer, r.prompt, r.class_words)
+        write_jsonl(records, out)
     return out
 
 
