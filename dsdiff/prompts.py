@@ -81,13 +81,8 @@ def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dic
     return voc.image_labels(), {name: voc.image_path(name) for name in voc.ids}
 
 
-def stage_plan(cfg) -> dict:
-    """Check ``cfg.prompts`` and read the dataset's labels (and captions) it needs, writing nothing.
-
-    Returns ``{"settings"}`` (what decides the prompts; its digest names the cache) plus
-    ``labels`` {image id: class ids}, ``class_names``, and either ``captions`` pairs (a given
-    or COCO captions file) or ``images`` {image id: path} to caption with ``prompts.captioner``.
-    """
+def stage_settings(cfg) -> dict:
+    """Check ``cfg.prompts`` and return what decides the prompts (its digest names the cache); reads no dataset."""
     from dsdiff.generation import to_plain
 
     p = to_plain(cfg.prompts)
@@ -104,7 +99,6 @@ def stage_plan(cfg) -> dict:
     root = Path(str(cfg.paths[class_list])).expanduser()
     settings = {"class_list": class_list, "source": source, "root": str(root.resolve()), "split": split,
                 "per_image": per_image, "template": p.get("template") or DEFAULT_TEMPLATE}
-    plan = {"settings": settings, "class_names": get_class_list(class_list).classes}
     captions_file = p.get("captions")
     if class_list == "coco" and not captions_file:
         captions_file = root / "annotations" / f"captions_{split}2017.json"
@@ -117,10 +111,7 @@ def stage_plan(cfg) -> dict:
             raise FileNotFoundError(f"prompts.captions={str(captions_file)!r}: no such file; pass a COCO captions JSON or "
                                     "a JSONL of {\"image\", \"caption\"}, or prompts.captions=null to caption with prompts.captioner")
         settings["captions"] = {"file": str(path.resolve()), "sha256": _file_digest(path)}
-        plan["captions"] = load_captions(path)
-        plan["labels"] = (dataset_image_labels("coco", str(root), split) if class_list == "coco"
-                          else _voc_images(root, split)[0])
-        return plan
+        return settings
     prefixes = [str(x).strip() for x in (p.get("prefixes") or []) if str(x).strip()]
     if not prefixes:
         raise ValueError("prompts.prefixes is empty: give the captioner at least one prefix, e.g. ['a photo of']")
@@ -130,10 +121,22 @@ def stage_plan(cfg) -> dict:
                              "one caption per prefix, so add prefixes or lower per_image")
         prefixes = prefixes[: int(per_image)]
     settings.update(captioner=str(p.get("captioner")), prefixes=prefixes, max_new_tokens=int(p.get("max_new_tokens", 30)))
+    return settings
+
+
+def stage_inputs(settings: dict) -> dict:
+    """Read what ``settings`` needs, writing nothing: ``labels`` {image id: class ids}, ``class_names``,
+    and either ``captions`` pairs (a captions file) or ``images`` {image id: path} to caption."""
+    class_list, root, split = settings["class_list"], settings["root"], settings["split"]
+    inputs = {"class_names": get_class_list(class_list).classes}
+    if "captions" in settings:
+        inputs["captions"] = load_captions(settings["captions"]["file"])
+        inputs["labels"] = (dataset_image_labels("coco", root, split) if class_list == "coco" else _voc_images(root, split)[0])
+        return inputs
     labels, images = _voc_images(root, split)
-    plan["labels"] = labels
-    plan["images"] = {name: images[name] for name in sorted(labels) if labels[name]}  # background-only: no prompt
-    return plan
+    inputs["labels"] = labels
+    inputs["images"] = {name: images[name] for name in sorted(labels) if labels[name]}  # background-only: no prompt
+    return inputs
 
 
 def _file_digest(path: Path) -> str:
@@ -245,8 +248,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
         if p is not None and p.get("source") not in (None, "templates"):
             raise ValueError(f"prompts.source={p.get('source')!r}: use captions or templates")
         return None
-    plan = stage_plan(cfg)
-    settings = plan["settings"]
+    settings = stage_settings(cfg)
     if out is None:
         stem = f"{settings['class_list']}-{settings['source']}-{settings_digest(settings)}"
         out = Path(str(p.get("dir") or "prompts")).expanduser() / f"{stem}.jsonl"
@@ -267,6 +269,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     def mark_started() -> None:
         write_text_atomic(meta, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
+    plan = stage_inputs(settings)
     captions = plan.get("captions")
     if captions is None:
         if load_captioner is None:

@@ -73,7 +73,7 @@ def test_empty_captions_fall_back_to_the_prefix(tmp_path, voc_expected):
     assert r.prompt == f"a photo of; {words(voc_expected['labels'][first])}"
 
 
-def test_a_crash_mid_captioning_keeps_finished_images(tmp_path, voc_expected):
+def test_a_crash_mid_captioning_keeps_finished_images(tmp_path, voc_expected, monkeypatch):
     cfg = stage_cfg(tmp_path, root=voc_expected["root"], batch_size=2)
     first = FakeCaptioner("run one", fail_at=len(PREFIXES) + 1)  # dies on the second batch
     with pytest.raises(RuntimeError, match="captioner died"):
@@ -89,7 +89,8 @@ def test_a_crash_mid_captioning_keeps_finished_images(tmp_path, voc_expected):
     by_image = {r.image_id: r.caption for r in records if r.id.endswith("_0")}
     assert [by_image[i] for i in train] == ["a photo of run one"] * 2 + ["a photo of run two"] * 4
     assert not partial.exists()
-    # a third run reuses the finished file without loading a captioner
+    # a third run reuses the finished file without loading a captioner or reading the dataset
+    monkeypatch.setattr("dsdiff.prompts._voc_images", lambda *a: pytest.fail("read the dataset again"))
     assert read_jsonl(ensure_prompts(cfg, load_captioner=lambda: pytest.fail("recaptioned"))) == records
 
 
