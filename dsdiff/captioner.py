@@ -7,12 +7,18 @@ for tests and smoke runs.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from dsdiff.diffusion.prompts import parse_jsonl_line
+from dsdiff.runtime import write_text_atomic
 
 log = logging.getLogger("dsdiff")
 
@@ -70,6 +76,69 @@ class Captioner:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
         return [clean_caption(t, prefix) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
+# ---- captioning a folder, resumably ----------------------------------------------------------
+
+def _read_partial(path: Path) -> dict[str, list[str]]:
+    """Captions already written (``{"image", "caption"}`` lines); a line cut by a kill is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    done: dict[str, list[str]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = parse_jsonl_line(line, path, n)
+        except ValueError:
+            if n < len(lines):
+                raise
+            log.warning("%s:%d: dropping a line cut short by an interrupted run", path, n)
+            write_text_atomic(path, "".join(x + "\n" for x in lines[: n - 1]))
+            break
+        if not isinstance(row.get("caption"), list) or "image" not in row:
+            raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\": [...]}}: delete {path} to caption again")
+        done[str(row["image"])] = list(row["caption"])
+    return done
+
+
+def caption_images(images: dict[str, Path], prefixes: list[str], partial: Path, load_captioner,
+                   batch_size: int = 16, before_write=None) -> dict[str, list[str]]:
+    """Caption each image once per prefix, appending ``{"image", "caption": [...]}`` lines to ``partial``.
+
+    Images already in ``partial`` are not captioned again. ``load_captioner()`` is called (and
+    ``before_write()`` after it) only when something is left, before anything is written.
+    """
+    from PIL import Image
+
+    done = _read_partial(partial)
+    pending = [name for name in images if name not in done]
+    log.info("prompts: %d of %d images captioned, %d to caption", len(images) - len(pending), len(images), len(pending))
+    if not pending:
+        return done
+    captioner = load_captioner()
+    if before_write is not None:
+        before_write()
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    start, step, next_log = time.monotonic(), max(1, int(batch_size)), 0.0
+    with open(partial, "a", encoding="utf-8") as f:
+        for b in range(0, len(pending), step):
+            names = pending[b : b + step]
+            pics = [Image.open(images[n]).convert("RGB") for n in names]
+            per_prefix = [captioner(pics, prefix) for prefix in prefixes]
+            for k, name in enumerate(names):
+                done[name] = [caps[k] for caps in per_prefix]
+                f.write(json.dumps({"image": name, "caption": done[name]}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            finished = b + len(names)
+            if finished / len(pending) >= next_log or finished == len(pending):
+                rate = finished / max(time.monotonic() - start, 1e-9)
+                log.info("prompts: captioned %d/%d images (%.2f img/s, ETA %.0f s)", finished, len(pending), rate,
+                         (len(pending) - finished) / rate)
+                next_log += 0.05
+    return done
 
 
 # ---- a tiny random-weight BLIP for tests ------------------------------------------------------

@@ -1,7 +1,10 @@
-"""``python -m dsdiff.prompts``: a dataset's class labels + captions -> a prompts JSONL.
+"""The prompts stage: a dataset's class labels + captions -> a prompts JSONL.
 
 Each line is one generation request: ``{"id", "prompt", "class_ids", "class_words",
 "class_prompt", "caption", "image_id"}`` with prompt ``"<caption>; <class words>"``.
+``ensure_prompts(cfg)`` runs it for ``generate`` (config group ``prompts``: BLIP captions of
+the VOC train images, COCO's train captions, or a captions file; cached and resumable);
+``python -m dsdiff.prompts`` runs it from the command line.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.prompts import (DEFAULT_TEMPLATE, PromptRecord, build_records, fit_prompt, image_key, load_captions,
-                                     parse_jsonl_line, read_jsonl, write_jsonl)
+                                     read_jsonl, write_jsonl)
 
 log = logging.getLogger("dsdiff.prompts")
 
@@ -166,73 +169,6 @@ def _rank() -> int:
     return max(int(os.environ.get(k, 0) or 0) for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    from dsdiff.runtime import write_text_atomic as write  # lazily: it imports torch and Lightning
-
-    return write(path, text)
-
-
-def _read_partial(path: Path) -> dict[str, list[str]]:
-    """Captions already written (``{"image", "caption"}`` lines); a line cut by a kill is dropped."""
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    done: dict[str, list[str]] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = parse_jsonl_line(line, path, n)
-        except ValueError:
-            if n < len(lines):
-                raise
-            log.warning("%s:%d: dropping a line cut short by an interrupted run", path, n)
-            write_text_atomic(path, "".join(x + "\n" for x in lines[: n - 1]))
-            break
-        if not isinstance(row.get("caption"), list) or "image" not in row:
-            raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\": [...]}}: delete {path} to caption again")
-        done[str(row["image"])] = list(row["caption"])
-    return done
-
-
-def caption_images(images: dict[str, Path], prefixes: list[str], partial: Path, load_captioner,
-                   batch_size: int = 16, before_write=None) -> dict[str, list[str]]:
-    """Caption each image once per prefix, appending ``{"image", "caption": [...]}`` lines to ``partial``.
-
-    Images already in ``partial`` are not captioned again. ``load_captioner()`` is called (and
-    ``before_write()`` after it) only when something is left, before anything is written.
-    """
-    from PIL import Image
-
-    done = _read_partial(partial)
-    pending = [name for name in images if name not in done]
-    log.info("prompts: %d of %d images captioned, %d to caption", len(images) - len(pending), len(images), len(pending))
-    if not pending:
-        return done
-    captioner = load_captioner()
-    if before_write is not None:
-        before_write()
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    start, step, next_log = time.monotonic(), max(1, int(batch_size)), 0.0
-    with open(partial, "a", encoding="utf-8") as f:
-        for b in range(0, len(pending), step):
-            names = pending[b : b + step]
-            pics = [Image.open(images[n]).convert("RGB") for n in names]
-            per_prefix = [captioner(pics, prefix) for prefix in prefixes]
-            for k, name in enumerate(names):
-                done[name] = [caps[k] for caps in per_prefix]
-                f.write(json.dumps({"image": name, "caption": done[name]}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            finished = b + len(names)
-            if finished / len(pending) >= next_log or finished == len(pending):
-                rate = finished / max(time.monotonic() - start, 1e-9)
-                log.info("prompts: captioned %d/%d images (%.2f img/s, ETA %.0f s)", finished, len(pending), rate,
-                         (len(pending) - finished) / rate)
-                next_log += 0.05
-    return done
-
-
 def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | None:
     """The finished prompts JSONL for ``cfg.prompts`` (built, or finished, when needed); None for templates.
 
@@ -243,10 +179,11 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     crash captions only the images left, then the prompts file is written atomically and the
     partial file renamed to ``<stem>.captions.jsonl`` (a captions file for ``prompts.captions``).
     """
+    from dsdiff.captioner import caption_images
+    from dsdiff.runtime import write_text_atomic
+
     p = cfg.get("prompts")
     if p is None or p.get("source", "templates") == "templates":
-        if p is not None and p.get("source") not in (None, "templates"):
-            raise ValueError(f"prompts.source={p.get('source')!r}: use captions or templates")
         return None
     settings = stage_settings(cfg)
     if out is None:
