@@ -84,7 +84,10 @@ def _read_partial(path: Path) -> dict[str, list[str]]:
     """Captions already written (``{"image", "caption"}`` lines); a line cut by a kill is dropped."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):  # killed mid-line: keep the appends that follow on lines of their own
+        write_text_atomic(path, text + "\n")
     done: dict[str, list[str]] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -137,7 +140,7 @@ def caption_images(images: dict[str, Path], prefixes: list[str], partial: Path, 
                 rate = finished / max(time.monotonic() - start, 1e-9)
                 log.info("prompts: captioned %d/%d images (%.2f img/s, ETA %.0f s)", finished, len(pending), rate,
                          (len(pending) - finished) / rate)
-                next_log += 0.05
+                next_log = finished / len(pending) + 0.05
     return done
 
 

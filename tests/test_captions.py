@@ -180,3 +180,17 @@ def test_templates_and_bad_settings(tmp_path, voc_expected, make_cfg):
     assert make_cfg(["+experiment=coco_deeplab"]).prompts.source == "captions"
     shapes = make_cfg(["+experiment=shapes_deeplab"])
     assert shapes.prompts.source == "templates" and ensure_prompts(shapes) is None
+
+
+def test_a_partial_file_cut_anywhere_resumes_into_valid_lines(tmp_path, voc_expected):
+    from dsdiff.captioner import caption_images
+
+    images = {n: voc_expected["root"] / "JPEGImages" / f"{n}.jpg" for n in voc_expected["splits"]["train"][:3]}
+    first, second, third = images
+    for tail in ("", '{"image": "x", "capt'):  # cut right after a whole line's JSON, or inside a line
+        partial = tmp_path / f"cut{len(tail)}.partial.jsonl"
+        partial.write_text(json.dumps({"image": first, "caption": ["kept"]}) + ("\n" + tail if tail else ""))
+        done = caption_images(images, ["a photo of"], partial, lambda: FakeCaptioner("new"))
+        assert done == {first: ["kept"], second: ["a photo of new"], third: ["a photo of new"]}
+        rows = [json.loads(line) for line in partial.read_text().splitlines()]
+        assert [r["image"] for r in rows] == [first, second, third]
