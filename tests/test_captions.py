@@ -194,3 +194,14 @@ def test_a_partial_file_cut_anywhere_resumes_into_valid_lines(tmp_path, voc_expe
         assert done == {first: ["kept"], second: ["a photo of new"], third: ["a photo of new"]}
         rows = [json.loads(line) for line in partial.read_text().splitlines()]
         assert [r["image"] for r in rows] == [first, second, third]
+
+
+def test_generate_with_a_missing_captioner_writes_nothing(make_cfg, tmp_path, voc_expected):
+    from dsdiff.generation import generate
+
+    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_expected['root']}",
+                    f"paths.data_dir={tmp_path / 'data'}", f"synthetic.dir={tmp_path / 'syn'}",
+                    f"prompts.captioner={tmp_path / 'no_blip'}", "synthetic.num_images=2"], output_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="prompts.captioner=.*no_blip.*prompts.captions="):
+        generate(cfg)
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "data").exists()
