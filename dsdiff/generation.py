@@ -230,7 +230,9 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     if synthetic.get("export") not in (None, "voc"):
         raise ValueError(f"synthetic.export={synthetic.export!r}: the only layout is 'voc' (or null)")
     class_names = get_class_list(cfg.data.class_list).classes
-    records = prompt_records(synthetic.get("prompts"), class_names, synthetic.get("template") or DEFAULT_TEMPLATE,
+    from dsdiff.prompts import ensure_prompts  # the prompts stage: captions + class names, cached
+
+    records = prompt_records(synthetic.get("prompts") or ensure_prompts(cfg), class_names, synthetic.get("template") or DEFAULT_TEMPLATE,
                              synthetic.get("max_classes_per_prompt", 1))
     config = dataset_config(generator, synthetic, class_names, records)
     store = SyntheticStore(synthetic.dir)

@@ -137,10 +137,11 @@ def _segmentation(spec: list | str, region: np.ndarray) -> list | dict:
 
 
 def write_coco_folder(root: str | Path, n_train: int = 4, n_val: int = 3, size: int = 64, seed: int = 0) -> dict:
-    """Write a COCO 2017-layout folder (images + instances JSON with the real 80 categories).
+    """Write a COCO 2017-layout folder (images, instances JSON with the real 80 categories, captions JSON).
 
     Returns ``{"root", "masks": {split: {name: uint8 (H, W) expected semantic mask}},
-    "labels": {split: {name: sorted train ids of non-crowd instances}}}``, the masks built by the
+    "labels": {split: {name: sorted train ids of non-crowd instances}},
+    "captions": {split: {name: [captions in captions_<split>2017.json]}}}``, the masks built by the
     rule of ``dsdiff.data.coco``: crowd 255 first, then instances from largest to smallest.
     """
     root = Path(root)
@@ -148,7 +149,7 @@ def write_coco_folder(root: str | Path, n_train: int = 4, n_val: int = 3, size: 
     rng = np.random.default_rng(seed)
     colors = {cid: tuple(int(v) for v in np.random.default_rng(cid).integers(30, 230, 3))
               for cid, _ in COCO_CATEGORIES}
-    out = {"root": root, "masks": {}, "labels": {}}
+    out = {"root": root, "masks": {}, "labels": {}, "captions": {}}
     image_id = ann_id = 0
     for split, count in (("train", n_train), ("val", n_val)):
         (root / f"{split}2017").mkdir(exist_ok=True)
@@ -186,4 +187,10 @@ def write_coco_folder(root: str | Path, n_train: int = 4, n_val: int = 3, size: 
             "categories": [{"id": cid, "name": n, "supercategory": ""} for cid, n in COCO_CATEGORIES],
         }
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
+        # captions_<split>2017.json: two captions per image, as COCO's (which has five)
+        captions = [{"id": 10 * im["id"] + k, "image_id": im["id"], "caption": f"A test scene number {im['id']} view {k}."}
+                    for im in images for k in range(2)]
+        out["captions"][split] = {Path(im["file_name"]).stem: [c["caption"] for c in captions if c["image_id"] == im["id"]]
+                                  for im in images}
+        (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps({"images": images, "annotations": captions}))
     return out

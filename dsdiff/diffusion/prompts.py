@@ -191,6 +191,18 @@ def image_key(image: str | int) -> str:
     return (stem.lstrip("0") or "0") if stem.isdigit() else stem
 
 
+def parse_jsonl_line(line: str, path: str | Path, n: int) -> dict:
+    """One JSONL line as a dict; a ValueError naming ``path:n`` when it is not a JSON object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}): {line[:80]!r}; "
+                         "fix or delete that line") from e
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{n}: expected a JSON object per line, found {type(row).__name__}: {line[:80]!r}")
+    return row
+
+
 def load_captions(path: str | Path) -> list[tuple[str | None, str]]:
     """(image key or None, caption) pairs from COCO captions JSON, JSONL, or plain text.
 
@@ -202,8 +214,12 @@ def load_captions(path: str | Path) -> list[tuple[str | None, str]]:
         raise FileNotFoundError(f"no captions file at {path}: pass --captions <COCO JSON, JSONL or text file>")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
-        if "annotations" not in data:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+                             "expected a COCO captions file (captions_<split>2017.json)") from e
+        if not isinstance(data, dict) or "annotations" not in data:
             raise ValueError(f"{path} is not a COCO captions file (no 'annotations' list)")
         names = {img["id"]: img.get("file_name", img["id"]) for img in data.get("images", [])}
         return [(image_key(names.get(a["image_id"], a["image_id"])), a["caption"].strip()) for a in data["annotations"]]
@@ -212,10 +228,12 @@ def load_captions(path: str | Path) -> list[tuple[str | None, str]]:
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            row = json.loads(line)
+            row = parse_jsonl_line(line, path, n)
             if "image" not in row or "caption" not in row:
                 raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\"}}, found keys {sorted(row)}")
             caps = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
+            if not all(isinstance(c, str) for c in caps):
+                raise ValueError(f"{path}:{n}: \"caption\" must be a string or a list of strings, found {row['caption']!r}")
             pairs += [(image_key(row["image"]), c.strip()) for c in caps]
         elif "\t" in line:
             image, caption = line.split("\t", 1)
@@ -286,5 +304,11 @@ def write_jsonl(records: Iterable[PromptRecord], path: str | Path) -> Path:
 
 def read_jsonl(path: str | Path) -> list[PromptRecord]:
     """Records written by :func:`write_jsonl` (or any JSONL with id, prompt, class_ids)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [PromptRecord.from_dict(json.loads(line)) for line in lines if line.strip()]
+    records = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(PromptRecord.from_dict(parse_jsonl_line(line, path, n)))
+            except (TypeError, ValueError) as e:
+                raise ValueError(str(e) if str(e).startswith(f"{path}:") else f"{path}:{n}: {e}") from e
+    return records

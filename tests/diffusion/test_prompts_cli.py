@@ -61,3 +61,22 @@ def test_help_and_argument_errors(tmp_path):
     assert help_text.returncode == 0 and "--captions" in help_text.stdout and "examples:" in help_text.stdout
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x.jsonl")])  # neither --dataset nor --labels
+
+
+def test_captioner_option_captions_a_voc_folder_and_resumes_only_with_the_same_settings(voc_expected, tmp_path):
+    from dsdiff.captioner import save_tiny_blip
+
+    blip = save_tiny_blip(tmp_path / "blip")
+    out = tmp_path / "prompts" / "voc_blip.jsonl"
+    args = ["--dataset", "voc", "--root", str(voc_expected["root"]), "--captioner", str(blip), "--out", str(out),
+            "--batch-size", "4", "--device", "cpu"]
+    records = read_jsonl(main([*args, "--prefixes", "a photo of", "a picture of"]))
+    assert len(records) == 2 * len(voc_expected["splits"]["train"])
+    for r in records:
+        words = " ".join(class_words(VOC_CLASSES[c]) for c in voc_expected["labels"][r.image_id])
+        assert r.prompt.endswith(f"; {words}") and r.caption.startswith(("a photo of", "a picture of"))
+    assert (tmp_path / "prompts" / "voc_blip.captions.jsonl").is_file()  # the captions, reusable with --captions
+    with pytest.raises(ValueError, match="other prompts settings \\(prefixes\\)"):
+        main([*args, "--prefixes", "an image of"])
+    with pytest.raises(SystemExit):
+        main([*args, "--captions", str(out)])  # --captioner with a captions file: ambiguous
