@@ -18,7 +18,7 @@ from dsdiff.train import train
 
 CHAIN = ["+experiment=voc_deeplab", "debug=fast", "synthetic.num_images=4", "generator.num_inference_steps=2",
          "generator.batch_size=2", "synthetic.filters.drop_empty=false", "trainer.max_steps=5", "trainer.val_check_interval=2",
-         "data.eval_scale=[128,64]"]  # the fixture's 64x64 images at factor 1: the keep-ratio path without 512x512 CPU inference
+         "data.eval_scale=[128,64]", "prompts=default"]  # the fixture's 64x64 images at factor 1: the keep-ratio path without 512x512 CPU inference
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_chain_killed_between_stages_resumes(tiny_sd, voc_root, tmp_path):
 def test_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_runs(tiny_sd, voc_root, tmp_path):
     sweep = tmp_path / "multi"
     cmd = [sys.executable, "-m", "dsdiff.train", "-m", "+experiment=voc_deeplab", "hparams_search=voc_optuna", "debug=fdr",
-           "logger=wandb", "hydra.sweeper.n_trials=2", "synthetic.num_images=2", "data.eval_scale=[128,64]",
+           "logger=wandb", "prompts=default", "hydra.sweeper.n_trials=2", "synthetic.num_images=2", "data.eval_scale=[128,64]",
            "generator.num_inference_steps=2", "synthetic.filters.drop_empty=false",
            'hydra.sweeper.params={generator.cross_res:"choice(16)",generator.self_res:"choice(32)"}',  # the tiny UNet's sizes
            f"generator.model={tiny_sd}", f"paths.voc={voc_root}", f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]

@@ -28,6 +28,14 @@ def _manifest(synthetic_dir):
     return [json.loads(line) for line in (synthetic_dir / "manifest.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _assert_protocol_metrics(run):
+    """metrics.json: the tune split's curve, the test split once (plain + TTA), and the final weights tested."""
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("tune/mIoU", "test/mIoU", "test/mIoU_tta"):
+        assert 0 <= saved[key] <= 1, key
+    assert saved["ckpt"] == "last" and saved["ckpt_path"] == str(run / "selftrain_1" / "checkpoints" / "last.ckpt")
+
+
 def _class_part(ids, names):
     return "; " + " ".join(class_words(names[c]) for c in ids)
 
@@ -48,6 +56,7 @@ def test_voc_deeplab_generates_from_blip_captions_with_class_names(make_cfg, tmp
         assert s["class_ids"] == labels
     (prompts,) = (tmp_path / "data" / "prompts").glob("voc-captions-*[0-9a-f].jsonl")
     assert len(prompts.read_text().splitlines()) == 6 * 3  # one caption per prefix
+    _assert_protocol_metrics(tmp_path / "run")
 
 
 def test_coco_deeplab_generates_from_coco_train_captions(make_cfg, tmp_path, coco_expected, tiny_sd):
@@ -63,3 +72,4 @@ def test_coco_deeplab_generates_from_coco_train_captions(make_cfg, tmp_path, coc
         caption, classes = s["prompt"].split("; ")
         assert caption + "." in captions[s["image_id"]]
         assert "; " + classes == _class_part(labels[s["image_id"]], COCO_CLASSES)
+    _assert_protocol_metrics(tmp_path / "run")

@@ -219,7 +219,7 @@ def test_chain_killed_in_generate_is_resumed_not_an_older_run(voc_root, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     base = [sys.executable, "-m", "dsdiff.train", "+experiment=voc_deeplab", "debug=fast", "generator.num_inference_steps=2",
             "generator.batch_size=1", "synthetic.filters.drop_empty=false", "trainer.max_steps=2",
-            "trainer.val_check_interval=2", "selftrain.rounds=0", f"generator.model={tiny_sd}", f"paths.voc={voc_root}",
+            "trainer.val_check_interval=2", "selftrain.rounds=0", "prompts=default", f"generator.model={tiny_sd}", f"paths.voc={voc_root}",
             f"paths.log_dir={logs}"]
 
     def run(name, *extra):

@@ -10,7 +10,8 @@ from dsdiff.diffusion.testing import save_tiny_pipeline
 
 # 32px images (16x16 latent): attention at 16x16 and 8x8
 GEN_ARGS = ["generator.num_inference_steps=2", "generator.cross_res=8", "generator.self_res=16", "generator.alpha=0.55",
-            "generator.beta=0.45", "synthetic.filters.drop_empty=false"]
+            "generator.beta=0.45", "synthetic.filters.drop_empty=false",
+            "prompts=default"]  # class templates: no captioner offline
 
 
 @pytest.fixture(scope="session")
