@@ -134,6 +134,7 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
     ``make_trainer(callbacks)`` builds the Lightning Trainer that runs the prediction.
     """
     from dsdiff.data.synthetic import summarize
+    from dsdiff.progress import LogProgress
 
     source_cfg = SyntheticStore(source).read_config() or {}
     config = {"class_names": source_cfg.get("class_names"), "source": str(Path(source).resolve()),
@@ -141,7 +142,7 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
               "checkpoint": checkpoint}
     store = SyntheticStore(out)
     store.check_config(config)
-    trainer = make_trainer([PseudoLabelWriter(store, source)])
+    trainer = make_trainer([PseudoLabelWriter(store, source), LogProgress(name="pseudo-labels")])
     segmenter.eval()
     trainer.predict(PseudoLabeler(segmenter, mode, threshold, tta), datamodule=PseudoLabelData(source, store, config, batch_size, num_workers),
                     return_predictions=False)

@@ -23,7 +23,7 @@ def test_two_workers_draw_distinct_samples(tiny32, tmp_path):
     items = list(itertools.islice(iter(loader), 8))
     names = [item["name"] for item in items]
     assert len(set(names)) == 8
-    # worker 0 makes samples 0, 2, 4, ...; worker 1 makes 1, 3, 5, ...: together the first ids
+    # worker 0 makes groups 0, 2, ... (ids 0-1, 4-5), worker 1 groups 1, 3, ... (ids 2-3, 6-7): together the first ids
     assert sorted(names) == [f"{i:07d}" for i in range(8)]
     images = torch.stack([item["image"].float() for item in items])
     diffs = [(images[i] - images[j]).abs().mean() for i in range(8) for j in range(i + 1, 8)]
