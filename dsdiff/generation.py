@@ -118,7 +118,11 @@ def sample_groups(num_images: int, batch_size: int) -> list[list[int]]:
 def pending_groups(store: SyntheticStore, num_images: int, batch_size: int, overwrite: bool = False) -> list[list[int]]:
     """Groups with any member not yet done (all of them with ``overwrite``)."""
     done = set() if overwrite else store.done_ids()
-    return [g for g in sample_groups(num_images, batch_size) if any(sample_id(i) not in done for i in g)]
+    pending = [g for g in sample_groups(num_images, batch_size) if any(sample_id(i) not in done for i in g)]
+    have = sum(sample_id(i) in done for i in range(num_images))
+    log.info("%s: %d of %d samples done, %d to generate (%d groups of %d ids, made whole)", store.root, have,
+             num_images, num_images - have, len(pending), batch_size)
+    return pending
 
 
 class GenerationRequests(Dataset):
@@ -143,17 +147,15 @@ class GenerationDataModule(L.LightningDataModule):
     """Serves the groups the folder still lacks (it writes nothing: the writer prepares the folder)."""
 
     def __init__(self, store: SyntheticStore, records: Sequence[PromptRecord], num_images: int,
-                 seed: int, batch_size: int = 4, overwrite: bool = False) -> None:
+                 seed: int, batch_size: int = 4, overwrite: bool = False, pending: list[list[int]] | None = None) -> None:
         super().__init__()
         self.store, self.records = store, list(records)
         self.num_images, self.seed, self.batch_size, self.overwrite = int(num_images), int(seed), int(batch_size), overwrite
-        self.pending: list[list[int]] = []
+        self.pending = pending
 
     def setup(self, stage: str | None = None) -> None:
-        self.pending = pending_groups(self.store, self.num_images, self.batch_size, self.overwrite)
-        todo = sum(len(g) for g in self.pending)
-        log.info("%s: %d of %d samples done, %d to generate (%d groups of up to %d)", self.store.root,
-                 self.num_images - todo, self.num_images, todo, len(self.pending), self.batch_size)
+        if self.pending is None:
+            self.pending = pending_groups(self.store, self.num_images, self.batch_size, self.overwrite)
         if self.trainer is not None:
             self.trainer.strategy.barrier("dsdiff_generation_setup")  # nobody writes before all have listed
 
@@ -333,13 +335,14 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     if not overwrite:
         store.check_config(config)  # fail before any process or weights start
     check_class_names(load_tokenizer(generator.model), class_names)  # also: is it a pipeline at all
-    if not overwrite and not pending_groups(store, num_images, batch_size):
+    pending = pending_groups(store, num_images, batch_size, overwrite)
+    if not pending:
         # Lightning skips on_predict_end on an empty loader: finish here, without loading weights
         log.info("%s: all %d samples are done; finishing the folder", store.root, num_images)
         is_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
         grid = finish_folder(store, synthetic.get("grid_size", 8), class_names, None, loggers or ()) if is_zero else None
     else:
-        grid, is_zero = _predict(cfg, store, config, records, class_names, num_images, batch_size, overwrite, loggers)
+        grid, is_zero = _predict(cfg, store, config, records, class_names, pending, num_images, batch_size, overwrite, loggers)
     summary = {**summarize(store), "dir": str(store.root), "grid": str(grid) if grid else None}
     if summary["dropped"]:
         log.info("dropped %d samples by filter: %s (listed in %s)", summary["dropped"], summary["dropped_by_reason"], store.root / "dropped.jsonl")
@@ -348,11 +351,12 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     return summary
 
 
-def _predict(cfg, store, config, records, class_names, num_images, batch_size, overwrite, loggers) -> tuple[Path | None, bool]:
+def _predict(cfg, store, config, records, class_names, pending, num_images, batch_size, overwrite, loggers) -> tuple[Path | None, bool]:
     import hydra
 
     synthetic, filters = cfg.synthetic, cfg.synthetic.get("filters") or {}
-    datamodule = GenerationDataModule(store, records, num_images, synthetic.seed, batch_size=batch_size, overwrite=overwrite)
+    datamodule = GenerationDataModule(store, records, num_images, synthetic.seed, batch_size=batch_size, overwrite=overwrite,
+                                      pending=pending)
     writer = SyntheticWriter(
         store, config, overwrite=overwrite, image_format=synthetic.get("image_format", "png"),
         jpeg_quality=synthetic.get("jpeg_quality", 95), save_attention=bool(synthetic.get("save_attention")),
