@@ -216,9 +216,16 @@ class SyntheticWriter(BasePredictionWriter):
         self.written = self.dropped = 0
         self.grid_path: Path | None = None
 
+    def _failed(self, what: str, e: OSError) -> OSError:
+        return OSError(e.errno, f"could not write {what} into synthetic.dir={self.store.root} ({e}): free space or fix "
+                                "permissions there and rerun the same command; finished samples are kept")
+
     def on_predict_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero and self.config is not None:
-            self.store.prepare(self.config, overwrite=self.overwrite, clean_tmp=True)
+            try:
+                self.store.prepare(self.config, overwrite=self.overwrite, clean_tmp=True)
+            except OSError as e:
+                raise self._failed("dataset.json", e) from e
         trainer.strategy.barrier("dsdiff_generation_prepared")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
@@ -227,8 +234,7 @@ class SyntheticWriter(BasePredictionWriter):
             try:
                 self._write(sid, sample, tag)
             except OSError as e:
-                raise OSError(e.errno, f"could not write sample {sid} into synthetic.dir={self.store.root} ({e}): "
-                                       "free space or fix permissions there and rerun the same command; finished samples are kept") from e
+                raise self._failed(f"sample {sid}", e) from e
 
     def _write(self, sid: str, sample, tag: str) -> None:
         metadata = {k: v for k, v in sample.metadata.items() if k != "id"}
@@ -251,7 +257,10 @@ class SyntheticWriter(BasePredictionWriter):
         log.info("rank %d wrote %d samples, dropped %d", trainer.global_rank, self.written, self.dropped)
         trainer.strategy.barrier("dsdiff_generation_end")
         if trainer.is_global_zero:
-            self.grid_path = finish_folder(self.store, self.grid_size, self.class_names, self.grid_samples, trainer.loggers)
+            try:
+                self.grid_path = finish_folder(self.store, self.grid_size, self.class_names, self.grid_samples, trainer.loggers)
+            except OSError as e:
+                raise self._failed("the merged manifest or grid.png", e) from e
         trainer.strategy.barrier("dsdiff_generation_compacted")
 
 
@@ -331,10 +340,10 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     overwrite = bool(synthetic.get("overwrite"))
     store = SyntheticStore(synthetic.dir)
     check_output_dir(store.root)
+    check_class_names(load_tokenizer(generator.model), class_names)  # also: is it a pipeline at all
     config = dataset_config(generator, synthetic, class_names, records)
     if not overwrite:
         store.check_config(config)  # fail before any process or weights start
-    check_class_names(load_tokenizer(generator.model), class_names)  # also: is it a pipeline at all
     pending = pending_groups(store, num_images, batch_size, overwrite)
     if not pending:
         # Lightning skips on_predict_end on an empty loader: finish here, without loading weights
