@@ -58,3 +58,22 @@ def test_the_training_config_uses_it(make_cfg):
 def test_format():
     assert format_progress("generation", 30, 120, 10.0, "batches") == "generation: 30/120 batches (25%), 3.00/s, ETA 0:00:30"
     assert format_progress("train", 150, 200, 10.0, "steps", since=100) == "train: 150/200 steps (75%), 5.00/s, ETA 0:00:10"
+
+
+def test_pseudo_labelling_uses_it(tmp_path):
+    from dsdiff.selftrain import pseudo_label
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def make_trainer(callbacks):
+        seen.extend(callbacks)
+        raise Stop
+
+    try:
+        pseudo_label(Tiny(), tmp_path / "source", tmp_path / "out", make_trainer)
+    except Stop:
+        pass
+    assert any(isinstance(c, LogProgress) for c in seen)
