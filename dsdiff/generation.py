@@ -300,6 +300,27 @@ def finish_folder(store: SyntheticStore, grid_size: int, class_names: Sequence[s
     return path
 
 
+def adopt_older_folder(store: SyntheticStore, config: Mapping) -> None:
+    """Upgrade the ``dataset.json`` of a folder made before batch groups and model digests (no
+    ``generator.batch_size``, the model as a path) when it matches ``config`` in everything else."""
+    from dsdiff.data.synthetic import config_diff
+    from dsdiff.diffusion.generator import model_identity
+    from dsdiff.runtime import write_text_atomic
+
+    old = store.read_config()
+    if not old or "batch_size" in old.get("generator", {}):
+        return
+    model = old["generator"].get("model")
+    moved = isinstance(model, str) and Path(model).is_dir()
+    upgraded = {**old, "generator": {**old["generator"], "model": model_identity(model) if moved else model,
+                                     "batch_size": config["generator"]["batch_size"]}}
+    if config_diff(upgraded, json.loads(json.dumps(dict(config)))):
+        return  # check_config lists what differs
+    log.warning("%s was made by an older dsdiff (no batch groups, model recorded by path): adopting it with "
+                "generator.batch_size=%d; samples made before keep their bits", store.root, config["generator"]["batch_size"])
+    write_text_atomic(store.config_path, json.dumps(upgraded, indent=2, sort_keys=True) + "\n")
+
+
 def check_output_dir(path: Path, setting: str = "synthetic.dir") -> None:
     """Raise, naming ``setting``, if ``path`` cannot become a writable folder; writes nothing."""
     if path.exists() and not path.is_dir():
@@ -343,6 +364,7 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     check_class_names(load_tokenizer(generator.model), class_names)  # also: is it a pipeline at all
     config = dataset_config(generator, synthetic, class_names, records)
     if not overwrite:
+        adopt_older_folder(store, config)
         store.check_config(config)  # fail before any process or weights start
     pending = pending_groups(store, num_images, batch_size, overwrite)
     if not pending:

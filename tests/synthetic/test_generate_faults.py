@@ -203,3 +203,19 @@ def test_hf_export_loads_back_with_the_same_pixels(gen_inproc, tmp_path):
         assert (row["prompt"], row["class_ids"], row["seed"]) == (entry["prompt"], entry["class_ids"], entry["seed"])
     card = (out / "hf" / "README.md").read_text()
     assert '"tau": 2' in card and "tvmonitor" in card and "data/train-*.parquet" in card
+
+
+def test_a_folder_from_before_groups_and_digests_is_adopted_when_nothing_else_differs(gen_inproc, tiny32, tmp_path):
+    out = tmp_path / "syn"
+    gen_inproc(out, 2)
+    path = out / "dataset.json"
+    current = json.loads(path.read_text())
+    legacy = json.loads(path.read_text())
+    legacy["generator"]["model"] = str(tiny32)  # how older versions recorded it
+    del legacy["generator"]["batch_size"]
+    path.write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="generator.tau: 4 -> 2"):
+        gen_inproc(out, 2, "generator.tau=2")
+    assert json.loads(path.read_text()) == legacy  # not adopted by a run that differs
+    assert gen_inproc(out, 3)["samples"] == 3
+    assert json.loads(path.read_text()) == current
