@@ -20,7 +20,7 @@ log = logging.getLogger("dsdiff")
 ROWS_PER_SHARD = 1000
 
 
-def _features(class_names):
+def _features():
     from datasets import Features, Image, Sequence, Value
 
     return Features({
@@ -84,7 +84,7 @@ def export_hf(root: str | Path, out: str | Path | None = None, rows_per_shard: i
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
-    features = _features(config.get("class_names"))
+    features = _features()
     shards = max(1, -(-len(entries) // rows_per_shard))
     for k in range(shards):
         rows = entries[k * rows_per_shard:(k + 1) * rows_per_shard]

@@ -128,12 +128,12 @@ def test_synthetic_dir_that_cannot_be_a_folder_is_named(gen_inproc, tmp_path, mo
         gen_inproc(tmp_path / "afile", 2)
     with pytest.raises(NotADirectoryError, match=f"lies under the file {tmp_path / 'afile'}"):
         gen_inproc(tmp_path / "afile" / "sub" / "syn", 2)
-    import dsdiff.generation as generation
+    import dsdiff.data.writer as writer
 
     readonly = tmp_path / "ro"
     readonly.mkdir()
     # root ignores permission bits, so the check os.access makes (true for a read-only mount too) is simulated
-    monkeypatch.setattr(generation.os, "access", lambda path, mode: path != readonly)
+    monkeypatch.setattr(writer.os, "access", lambda path, mode: path != readonly)
     with pytest.raises(PermissionError, match=f"synthetic.dir={readonly / 'syn'}: {readonly} is not writable"):
         gen_inproc(readonly / "syn", 2)
     assert list(readonly.iterdir()) == []
