@@ -17,6 +17,7 @@ shards are merged and ``grid.png`` drawn (also by a rerun with nothing left to m
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -210,6 +211,8 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     export = synthetic.get("export")
     if export not in EXPORTS:
         raise ValueError(f"synthetic.export={export!r}: use null, 'voc' (a VOC-layout copy) or 'hf' (a Hugging Face datasets folder)")
+    if export == "hf" and importlib.util.find_spec("datasets") is None:
+        raise ModuleNotFoundError("synthetic.export=hf needs the `datasets` package: pip install datasets (or dsdiff[hf])")
     num_images = synthetic.get("num_images")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
         raise ValueError(f"synthetic.num_images={num_images!r}: how many samples to make, a whole number >= 1")
