@@ -155,6 +155,9 @@ class GenerationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.pending is None:
             self.pending = pending_groups(self.store, self.num_images, self.batch_size, self.overwrite)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        # every rank needs a batch, or Lightning skips its predict hooks and the others wait at the barriers
+        self.pending = self.pending + [[]] * max(0, world - len(self.pending))
         if self.trainer is not None:
             self.trainer.strategy.barrier("dsdiff_generation_setup")  # nobody writes before all have listed
 
@@ -195,6 +198,8 @@ class GenerationModule(L.LightningModule):
             self.generator = self.build_generator(self.trainer.strategy.root_device)
 
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[tuple[str, Any]]:
+        if not batch:  # padding: fewer groups left than ranks
+            return []
         samples = self.generator([r["record"] for r in batch], [r["seed"] for r in batch], return_attention=self.return_attention)
         return [(r["id"], s) for r, s in zip(batch, samples)]
 

@@ -86,3 +86,11 @@ def test_two_process_ddp_makes_the_same_samples_as_one_process(tiny32, tmp_path,
         assert a["seed"] == b["seed"] and a["prompt"] == b["prompt"]
         assert np.array_equal(np.array(Image.open(one.root / a["mask"])), np.array(Image.open(two.root / b["mask"])))
         assert np.array_equal(np.array(Image.open(one.root / a["image"])), np.array(Image.open(two.root / b["image"])))
+
+
+@pytest.mark.slow
+def test_fewer_groups_left_than_ranks_does_not_hang(tiny32, tmp_path, gen_cli):
+    proc = gen_cli.run(tiny32, tmp_path / "syn", tmp_path / "run", 1, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                       "trainer.precision=32-true", "trainer.sync_batchnorm=false", timeout=300)
+    assert "rank 0 wrote 1 samples" in proc.stdout + proc.stderr and "rank 1 wrote 0 samples" in proc.stdout + proc.stderr
+    assert [e["id"] for e in SyntheticStore(tmp_path / "syn").entries()] == ["0000000"]
