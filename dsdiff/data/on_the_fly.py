@@ -56,9 +56,11 @@ class OnTheFlySynthetic(IterableDataset):
         self._factory = generator_factory
         self._generator = None
         self.store = None
+        self._prepared = False
         if self.synthetic.get("write_through"):
             self.store = SyntheticStore(self.synthetic["dir"])
-            self.store.prepare(dataset_config(self.generator_cfg, self.synthetic, self.classes, self.records))
+            self.config = dataset_config(self.generator_cfg, self.synthetic, self.classes, self.records)
+            self.store.check_config(self.config)  # the folder is written only once a pipeline has loaded
 
     def _device(self) -> torch.device:
         if torch.cuda.is_available() and get_worker_info() is None:
@@ -111,6 +113,9 @@ class OnTheFlySynthetic(IterableDataset):
             # a group is made whole, as by `python -m dsdiff.generate`, so its samples are the same bits
             records = [self.records[i % len(self.records)] for i in todo]
             samples = self.generator()(records, [self.seed + i for i in todo])
+            if self.store is not None and not self._prepared:
+                self.store.prepare(self.config)
+                self._prepared = True
             for i, sample in zip(todo, samples):
                 sid = sample_id(i)
                 reason = filter_reason(sample.label, drop_empty=bool(self.filters.get("drop_empty", True)),

@@ -1,6 +1,8 @@
 """On-the-fly generation: distinct seeds across workers, write-through, and training on it."""
 import itertools
 
+import pytest
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -52,3 +54,11 @@ def test_train_set_factory_picks_the_mode(tiny32, tmp_path):
     assert isinstance(stream, OnTheFlySynthetic) and stream.num_classes == 21
     batch = pad_collate(list(itertools.islice(iter(stream), 2)))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 32, 32)
+
+
+def test_write_through_with_a_bad_model_leaves_no_folder(tmp_path):
+    synthetic = _synthetic(tmp_path, write_through=True)
+    data = OnTheFlySynthetic({**GEN, "model": str(tmp_path / "nowhere")}, synthetic, VOC_CLASSES)
+    with pytest.raises(FileNotFoundError, match="no Stable Diffusion weights"):
+        next(iter(data))
+    assert not (tmp_path / "syn").exists()
