@@ -156,7 +156,7 @@ class GenerationDataModule(L.LightningDataModule):
         if self.pending is None:
             self.pending = pending_groups(self.store, self.num_images, self.batch_size, self.overwrite)
         world = self.trainer.world_size if self.trainer is not None else 1
-        # every rank needs a batch, or Lightning skips its predict hooks and the others wait at the barriers
+        # every rank needs a batch: Lightning refuses a rank with an empty predict loader (and would skip its hooks)
         self.pending = self.pending + [[]] * max(0, world - len(self.pending))
         if self.trainer is not None:
             self.trainer.strategy.barrier("dsdiff_generation_setup")  # nobody writes before all have listed
