@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -207,12 +208,23 @@ class SyntheticStore:
                     rows[str(row["id"])] = row
         return rows
 
+    def _latest(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Manifest and dropped rows by id; an id in both (its group made again, the filter now
+        deciding otherwise) counts where its latest row is."""
+        kept, dropped = self._rows(MANIFEST), self._rows(DROPPED)
+        for sid in set(kept) & set(dropped):
+            if kept[sid].get("time", 0) >= dropped[sid].get("time", 0):
+                del dropped[sid]
+            else:
+                del kept[sid]
+        return kept, dropped
+
     def entries(self) -> list[dict]:
         """Manifest entries of finished samples, one per id, sorted by id."""
-        return [row for _, row in sorted(self._rows(MANIFEST).items())]
+        return [row for _, row in sorted(self._latest()[0].items())]
 
     def dropped(self) -> list[dict]:
-        return [row for _, row in sorted(self._rows(DROPPED).items())]
+        return [row for _, row in sorted(self._latest()[1].items())]
 
     def done_ids(self) -> set[str]:
         """Ids that need no generation: dropped, or in the manifest with an image and mask that are whole
@@ -238,7 +250,7 @@ class SyntheticStore:
             _repair_tail(path)
             self._repaired.add(path)
         with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+            f.write(json.dumps({**dict(row), "time": round(time.time(), 6)}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -194,3 +194,14 @@ def test_a_cut_short_mask_or_jpeg_is_not_done(tmp_path):
     mask.write_bytes(mask.read_bytes()[: len(mask.read_bytes()) // 2])
     assert file_problem(jpg) == "truncated (no end marker)" and file_problem(mask).startswith(("truncated", "unreadable"))
     assert store.done_ids() == set()
+
+
+def test_a_sample_made_again_counts_where_its_latest_row_is(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(2))
+    store.write_dropped(sample_id(0), "no_foreground", {"seed": 0})  # made again in a new group, now dropped
+    assert [e["id"] for e in store.entries()] == ["0000001"] and [d["id"] for d in store.dropped()] == ["0000000"]
+    _fill(store, [0], tag="rank1")  # and again, kept
+    store.compact()
+    assert [e["id"] for e in store.entries()] == ["0000000", "0000001"] and store.dropped() == []
