@@ -1,9 +1,12 @@
 """`python -m dsdiff.generate +experiment=NAME generator.model=ID_OR_DIR synthetic.num_images=N synthetic.dir=DIR`
+(or `dsdiff-generate ...`).
 
 Writes (or finishes) the synthetic dataset described by the `generator` and `synthetic` config
-groups; kill it at any point and run the same command again to resume. Several GPUs or nodes:
-`trainer=ddp trainer.devices=8` (and `trainer.num_nodes=...`, SLURM or torchrun), with the same
-samples as one process. `synthetic.export=voc` also writes a VOC-layout copy.
+groups; kill it at any point and run the same command again to resume, with the same bits as an
+uninterrupted run. Several GPUs or nodes: `trainer=ddp trainer.devices=8` (and
+`trainer.num_nodes=...`, SLURM or torchrun), with the same samples as one process.
+`synthetic.export=voc` also writes a VOC-layout copy, `synthetic.export=hf` a Hugging Face
+`datasets` folder.
 """
 from __future__ import annotations
 

@@ -1,39 +1,49 @@
 """Synthetic dataset generation as Lightning prediction.
 
-Sample ``i`` (id ``f"{i:07d}"``) is prompt record ``i mod R`` with seed ``synthetic.seed + i``,
-so the dataset depends only on the configuration, never on how many processes made it.
-``GenerationDataModule`` lists the samples the folder still lacks (after a barrier, so every
-rank sees the same list) and Lightning's predict sampler gives each rank its own share with no
-repeats; ``GenerationModule.predict_step`` runs the generator on a batch of prompt records;
-``SyntheticWriter`` (a ``BasePredictionWriter``) writes each sample atomically to a per-rank
-manifest shard, then merges the shards when every rank is done. Devices, DDP/SLURM/torchrun,
-precision and the progress bar are Lightning's.
+Sample ``i`` (id ``f"{i:07d}"``) is prompt record ``i mod R`` with seed ``synthetic.seed + i``.
+Samples are made in fixed groups ``[kB, (k+1)B)`` of ``B = generator.batch_size`` ids, one
+group per forward pass, and a group with any member missing (or broken) is made again whole:
+batched kernels round differently for different batch mates, so this is what makes a resumed
+folder bit-identical to an uninterrupted one, however many processes made it.
+
+Every setting is checked, and the tokenizer placed every class name, before anything is
+written; ``dataset.json`` is written once the pipeline has loaded. ``GenerationDataModule``
+lists the groups the folder still lacks (after a barrier, so every rank sees the same list) and
+Lightning's predict sampler gives each rank its own groups with no repeats;
+``GenerationModule.predict_step`` runs the generator on one group; ``dsdiff.data.writer.SyntheticWriter`` (a
+``BasePredictionWriter``) writes each sample atomically to a per-rank manifest shard, then the
+shards are merged and ``grid.png`` drawn (also by a rerun with nothing left to make).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from dsdiff.data.synthetic import SyntheticStore, filter_reason, sample_id, summarize
+from dsdiff.data.synthetic import SyntheticStore, sample_id, summarize
+from dsdiff.data.writer import SyntheticWriter, adopt_older_folder, check_output_dir, finish_folder
 from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE, PromptRecord, read_jsonl, template_prompt
+from dsdiff.progress import LogProgress
 
 log = logging.getLogger("dsdiff")
 
-# generator settings that change what is generated (batch size, device and dtype="auto" do not)
+# generator settings that change what is generated (the device and dtype="auto" do not; the batch
+# size does, in the last bits: it decides which ids share a forward pass)
 GENERATOR_KEYS = (
     "model", "scheduler", "num_inference_steps", "guidance_scale", "negative_prompt", "height", "width",
-    "cross_res", "self_res", "tau", "alpha", "beta", "window", "class_prompt",
+    "cross_res", "self_res", "tau", "alpha", "beta", "window", "class_prompt", "batch_size",
 )
+EXPORTS = (None, "voc", "hf")
 
 
 def to_plain(cfg: Any) -> Any:
@@ -80,10 +90,15 @@ def records_digest(records: Sequence[PromptRecord]) -> str:
 
 def dataset_config(generator: Mapping, synthetic: Mapping, class_names: Sequence[str], records: Sequence[PromptRecord]) -> dict:
     """What ``dataset.json`` records: everything that decides the samples, nothing that does not."""
+    from dsdiff.diffusion.generator import model_identity
+
     generator, synthetic = to_plain(generator), to_plain(synthetic)
+    settings = {k: generator.get(k) for k in GENERATOR_KEYS}
+    settings["model"] = model_identity(generator["model"]) if generator.get("model") else None
+    settings["batch_size"] = int(generator.get("batch_size") or 1)
     return {
         "class_names": list(class_names),
-        "generator": {k: generator.get(k) for k in GENERATOR_KEYS},
+        "generator": settings,
         "dtype": generator.get("dtype", "auto"),
         "seed": int(synthetic["seed"]),
         "prompts": {"file": str(synthetic.get("prompts")) if synthetic.get("prompts") else None,
@@ -94,56 +109,68 @@ def dataset_config(generator: Mapping, synthetic: Mapping, class_names: Sequence
     }
 
 
-class GenerationRequests(Dataset):
-    """Sample indices -> ``{"id", "seed", "record"}`` (record ``i mod R``, seed ``seed + i``)."""
+def sample_groups(num_images: int, batch_size: int) -> list[list[int]]:
+    """The fixed generation groups: ids ``[kB, min((k+1)B, N))``, one forward pass each."""
+    return [list(range(s, min(s + batch_size, num_images))) for s in range(0, num_images, batch_size)]
 
-    def __init__(self, records: Sequence[PromptRecord], indices: Sequence[int], seed: int) -> None:
-        self.records, self.indices, self.seed = list(records), list(indices), int(seed)
+
+def pending_groups(store: SyntheticStore, num_images: int, batch_size: int, overwrite: bool = False) -> list[list[int]]:
+    """Groups with any member not yet done (all of them with ``overwrite``)."""
+    done = set() if overwrite else store.done_ids()
+    pending = [g for g in sample_groups(num_images, batch_size) if any(sample_id(i) not in done for i in g)]
+    have = sum(sample_id(i) in done for i in range(num_images))
+    log.info("%s: %d of %d samples done, %d to generate (%d groups of %d ids, made whole)", store.root, have,
+             num_images, num_images - have, len(pending), batch_size)
+    return pending
+
+
+class GenerationRequests(Dataset):
+    """Group ``k`` -> its requests ``[{"id", "seed", "record"}]`` (record ``i mod R``, seed ``seed + i``)."""
+
+    def __init__(self, records: Sequence[PromptRecord], groups: Sequence[Sequence[int]], seed: int) -> None:
+        self.records, self.groups, self.seed = list(records), [list(g) for g in groups], int(seed)
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.groups)
 
-    def __getitem__(self, k: int) -> dict:
-        i = self.indices[k]
-        return {"id": sample_id(i), "seed": self.seed + i, "record": self.records[i % len(self.records)].to_dict()}
+    def __getitem__(self, k: int) -> list[dict]:
+        return [{"id": sample_id(i), "seed": self.seed + i, "record": self.records[i % len(self.records)].to_dict()}
+                for i in self.groups[k]]
 
 
-def _collate(batch: list[dict]) -> list[dict]:
-    return batch
+def _one_group(batch: list[list[dict]]) -> list[dict]:
+    return batch[0]
 
 
 class GenerationDataModule(L.LightningDataModule):
-    """Prepares the folder (rank 0) and serves the samples it still lacks."""
+    """Serves the groups the folder still lacks (it writes nothing: the writer prepares the folder)."""
 
-    def __init__(self, store: SyntheticStore, config: Mapping, records: Sequence[PromptRecord], num_images: int,
-                 seed: int, batch_size: int = 4, overwrite: bool = False) -> None:
+    def __init__(self, store: SyntheticStore, records: Sequence[PromptRecord], num_images: int,
+                 seed: int, batch_size: int = 4, overwrite: bool = False, pending: list[list[int]] | None = None) -> None:
         super().__init__()
-        self.prepare_data_per_node = False  # one process on a shared file system prepares the folder
-        self.store, self.config, self.records = store, dict(config), list(records)
+        self.store, self.records = store, list(records)
         self.num_images, self.seed, self.batch_size, self.overwrite = int(num_images), int(seed), int(batch_size), overwrite
-        self.pending: list[int] = []
-
-    def prepare_data(self) -> None:
-        self.store.prepare(self.config, overwrite=self.overwrite, clean_tmp=True)
+        self.pending = pending
 
     def setup(self, stage: str | None = None) -> None:
-        self.store.check_config(self.config)
-        done = self.store.done_ids()
-        self.pending = [i for i in range(self.num_images) if sample_id(i) not in done]
-        log.info("%s: %d of %d samples done, %d to generate", self.store.root, self.num_images - len(self.pending), self.num_images, len(self.pending))
+        if self.pending is None:
+            self.pending = pending_groups(self.store, self.num_images, self.batch_size, self.overwrite)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        # every rank needs a batch: Lightning refuses a rank with an empty predict loader (and would skip its hooks)
+        self.pending = self.pending + [[]] * max(0, world - len(self.pending))
         if self.trainer is not None:
             self.trainer.strategy.barrier("dsdiff_generation_setup")  # nobody writes before all have listed
 
     def predict_dataloader(self) -> DataLoader:
         requests = GenerationRequests(self.records, self.pending, self.seed)
-        return DataLoader(requests, batch_size=self.batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
+        return DataLoader(requests, batch_size=1, shuffle=False, num_workers=0, collate_fn=_one_group)
 
 
 class GenerationModule(L.LightningModule):
     """Wraps :class:`dsdiff.diffusion.SyntheticGenerator`; ``predict_step`` returns ``[(id, Sample)]``.
 
-    The pipeline is loaded on the rank's device when prediction starts (its weights are not
-    module parameters, so Lightning neither wraps nor checkpoints them).
+    The pipeline is loaded on the rank's device in ``setup`` (its weights are not module
+    parameters, so Lightning neither wraps nor checkpoints them).
     """
 
     def __init__(self, generator: Mapping, class_names: Sequence[str], return_attention: bool = False) -> None:
@@ -166,97 +193,93 @@ class GenerationModule(L.LightningModule):
             scheduler=g.get("scheduler"), safety_checker=bool(g.get("safety_checker", False)), **kwargs,
         )
 
-    def on_predict_start(self) -> None:
-        if self.generator is None:
+    def setup(self, stage: str) -> None:
+        if self.generator is None:  # before the writer's on_predict_start, which writes dataset.json
             self.generator = self.build_generator(self.trainer.strategy.root_device)
 
     def predict_step(self, batch: list[dict], batch_idx: int = 0) -> list[tuple[str, Any]]:
+        if not batch:  # padding: fewer groups left than ranks
+            return []
         samples = self.generator([r["record"] for r in batch], [r["seed"] for r in batch], return_attention=self.return_attention)
         return [(r["id"], s) for r, s in zip(batch, samples)]
 
 
-class SyntheticWriter(BasePredictionWriter):
-    """Writes generated samples into a :class:`SyntheticStore` (per-rank shards), applies the filters,
-    keeps the first ``grid_size`` samples for a sample grid, and merges the shards at the end."""
-
-    def __init__(self, store: SyntheticStore, *, image_format: str = "png", jpeg_quality: int = 95,
-                 save_attention: bool = False, drop_empty: bool = True, max_uncertain: float | None = None,
-                 grid_size: int = 8, class_names: Sequence[str] | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.store, self.image_format, self.jpeg_quality = store, image_format, jpeg_quality
-        self.save_attention, self.drop_empty, self.max_uncertain = save_attention, drop_empty, max_uncertain
-        self.grid_size, self.class_names = grid_size, class_names
-        self.grid_samples: list = []
-        self.written = self.dropped = 0
-        self.grid_path: Path | None = None
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
-        tag = f"rank{trainer.global_rank}"
-        for sid, sample in prediction:
-            metadata = {k: v for k, v in sample.metadata.items() if k != "id"}
-            metadata.update(class_ids=list(sample.class_ids), record_id=sample.metadata.get("id"))
-            reason = filter_reason(sample.label, drop_empty=self.drop_empty, max_uncertain=self.max_uncertain)
-            if reason:
-                self.store.write_dropped(sid, reason, metadata, tag=tag)
-                self.dropped += 1
-                continue
-            maps = sample.class_maps if self.save_attention else None
-            self.store.write_sample(sid, sample.image, sample.label, metadata, tag=tag, image_format=self.image_format,
-                                    jpeg_quality=self.jpeg_quality, class_maps=maps)
-            self.written += 1
-            if len(self.grid_samples) < self.grid_size:
-                self.grid_samples.append(sample)
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        log.info("rank %d wrote %d samples, dropped %d", trainer.global_rank, self.written, self.dropped)
-        trainer.strategy.barrier("dsdiff_generation_end")
-        if trainer.is_global_zero:
-            self.store.compact()
-            if self.grid_samples and self.grid_size:
-                from dsdiff.viz import save_sample_grid
-
-                self.grid_path = save_sample_grid(self.grid_samples, self.store.root / "grid.png", self.class_names)
-                for logger in trainer.loggers:
-                    if hasattr(logger, "log_image"):
-                        logger.log_image(key="synthetic/samples", images=[str(self.grid_path)])
-        trainer.strategy.barrier("dsdiff_generation_compacted")
-
-
 def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
-    """Generate (or finish) the synthetic dataset that ``cfg.synthetic`` describes; returns a summary."""
+    """Generate (or finish) the synthetic dataset that ``cfg.synthetic`` describes; returns a summary.
+
+    Everything that can be judged without weights is checked before any file is written.
+    """
     from dsdiff.data.classes import get_class_list
+    from dsdiff.diffusion.generator import check_class_names, check_settings, load_tokenizer
 
     synthetic, generator = cfg.synthetic, cfg.generator
-    if synthetic.get("export") not in (None, "voc"):
-        raise ValueError(f"synthetic.export={synthetic.export!r}: the only layout is 'voc' (or null)")
+    export = synthetic.get("export")
+    if export not in EXPORTS:
+        raise ValueError(f"synthetic.export={export!r}: use null, 'voc' (a VOC-layout copy) or 'hf' (a Hugging Face datasets folder)")
+    if export == "hf" and importlib.util.find_spec("datasets") is None:
+        raise ModuleNotFoundError("synthetic.export=hf needs the `datasets` package: pip install datasets (or dsdiff[hf])")
+    num_images = synthetic.get("num_images")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
+        raise ValueError(f"synthetic.num_images={num_images!r}: how many samples to make, a whole number >= 1")
+    batch_size = generator.get("batch_size") or 1
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
     class_names = get_class_list(cfg.data.class_list).classes
     from dsdiff.prompts import ensure_prompts  # the prompts stage: captions + class names, cached
 
     records = prompt_records(synthetic.get("prompts") or ensure_prompts(cfg), class_names, synthetic.get("template") or DEFAULT_TEMPLATE,
                              synthetic.get("max_classes_per_prompt", 1))
-    config = dataset_config(generator, synthetic, class_names, records)
+    check_settings(scheduler=generator.get("scheduler"), tau=generator.get("tau", 4), alpha=generator.get("alpha", 0.6),
+                   beta=generator.get("beta", 0.5), window=list(generator.get("window") or (0.0, 1.0)))
+    overwrite = bool(synthetic.get("overwrite"))
     store = SyntheticStore(synthetic.dir)
-    if not synthetic.get("overwrite"):
+    check_output_dir(store.root)
+    check_class_names(load_tokenizer(generator.model), class_names)  # also: is it a pipeline at all
+    config = dataset_config(generator, synthetic, class_names, records)
+    if not overwrite:
+        adopt_older_folder(store, config)
         store.check_config(config)  # fail before any process or weights start
-    datamodule = GenerationDataModule(store, config, records, synthetic.num_images, synthetic.seed,
-                                      batch_size=generator.get("batch_size", 4), overwrite=bool(synthetic.get("overwrite")))
-    filters = synthetic.get("filters") or {}
-    writer = SyntheticWriter(
-        store, image_format=synthetic.get("image_format", "png"), jpeg_quality=synthetic.get("jpeg_quality", 95),
-        save_attention=bool(synthetic.get("save_attention")), drop_empty=bool(filters.get("drop_empty", True)),
-        max_uncertain=filters.get("max_uncertain"), grid_size=synthetic.get("grid_size", 8), class_names=class_names,
-    )
-    module = GenerationModule(generator, class_names, return_attention=False)
-    import hydra
-
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer], logger=loggers or False)
-    log.info("generating into %s (%d images, %d prompt records)", store.root, synthetic.num_images, len(records))
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    summary = {**summarize(store), "dir": str(store.root), "grid": str(writer.grid_path) if writer.grid_path else None}
+    pending = pending_groups(store, num_images, batch_size, overwrite)
+    if not pending:
+        # Lightning skips on_predict_end on an empty loader: finish here, without loading weights
+        log.info("%s: all %d samples are done; finishing the folder", store.root, num_images)
+        is_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0
+        grid = finish_folder(store, synthetic.get("grid_size", 8), class_names, None, loggers or ()) if is_zero else None
+    else:
+        grid, is_zero = _predict(cfg, store, config, records, class_names, pending, num_images, batch_size, overwrite, loggers)
+    summary = {**summarize(store), "dir": str(store.root), "grid": str(grid) if grid else None}
     if summary["dropped"]:
         log.info("dropped %d samples by filter: %s (listed in %s)", summary["dropped"], summary["dropped_by_reason"], store.root / "dropped.jsonl")
-    if synthetic.get("export") == "voc" and trainer.is_global_zero:
+    if export and is_zero:
+        summary["export"] = str(export_folder(store.root, export))
+    return summary
+
+
+def _predict(cfg, store, config, records, class_names, pending, num_images, batch_size, overwrite, loggers) -> tuple[Path | None, bool]:
+    import hydra
+
+    synthetic, filters = cfg.synthetic, cfg.synthetic.get("filters") or {}
+    datamodule = GenerationDataModule(store, records, num_images, synthetic.seed, batch_size=batch_size, overwrite=overwrite,
+                                      pending=pending)
+    writer = SyntheticWriter(
+        store, config, overwrite=overwrite, image_format=synthetic.get("image_format", "png"),
+        jpeg_quality=synthetic.get("jpeg_quality", 95), save_attention=bool(synthetic.get("save_attention")),
+        drop_empty=bool(filters.get("drop_empty", True)), max_uncertain=filters.get("max_uncertain"),
+        grid_size=synthetic.get("grid_size", 8), class_names=class_names,
+    )
+    module = GenerationModule(cfg.generator, class_names, return_attention=False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer, LogProgress(name="generation")], logger=loggers or False)
+    log.info("generating into %s (%d images, %d prompt records)", store.root, num_images, len(records))
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    return writer.grid_path, trainer.is_global_zero
+
+
+def export_folder(root: Path, export: str) -> Path:
+    """``synthetic.export``: a VOC-layout copy (``<dir>/voc``) or a Hugging Face datasets folder (``<dir>/hf``)."""
+    if export == "voc":
         from dsdiff.data.synthetic import export_voc
 
-        summary["export"] = str(export_voc(store.root))
-    return summary
+        return export_voc(root)
+    from dsdiff.data.export import export_hf
+
+    return export_hf(root)

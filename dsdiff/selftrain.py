@@ -160,6 +160,7 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
     counts ``samples`` written and ``dropped_by_reason["unreadable"]`` samples skipped.
     """
     from dsdiff.data.synthetic import summarize
+    from dsdiff.progress import LogProgress
 
     source_cfg = SyntheticStore(source).read_config() or {}
     config = {"class_names": source_cfg.get("class_names"), "source": str(Path(source).resolve()),
@@ -167,7 +168,7 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
               "checkpoint": checkpoint}
     store = SyntheticStore(out)
     store.check_config(config)
-    trainer = make_trainer([PseudoLabelWriter(store, source)])
+    trainer = make_trainer([PseudoLabelWriter(store, source), LogProgress(name="pseudo-labels")])
     segmenter.eval()
     data = PseudoLabelData(source, store, config, batch_size, num_workers, max_samples=max_samples)
     trainer.predict(PseudoLabeler(segmenter, mode, threshold, tta), datamodule=data, return_predictions=False)

@@ -1,9 +1,10 @@
 """Synthetic training data generated while training (``synthetic.mode=on_the_fly``).
 
 An endless stream: dataloader worker ``w`` of rank ``r`` (``W`` workers per rank, ``R`` ranks)
-makes samples ``i = g, g + G, g + 2G, ...`` with ``g = r * W + w`` and ``G = R * W``, each with
-seed ``synthetic.seed + i`` and prompt record ``i mod len(records)``: every worker and rank draws
-distinct seeds, and the stream is the same sample sequence as ``python -m dsdiff.generate``.
+makes the generation groups ``k = g, g + G, g + 2G, ...`` (ids ``[kB, (k+1)B)``, ``B`` the batch
+size) with ``g = r * W + w`` and ``G = R * W``; sample ``i`` has seed ``synthetic.seed + i`` and
+prompt record ``i mod len(records)``. Every worker and rank draws distinct seeds, and each group
+is the same batch, so the same bits, as ``python -m dsdiff.generate`` makes.
 With ``synthetic.write_through=true`` each sample is also written to ``synthetic.dir`` (its own
 shard per rank and worker), and a sample already there is read back instead of generated, so a
 resumed run does not pay twice. Training is step-based (``max_steps``), so the stream has no end.
@@ -55,9 +56,11 @@ class OnTheFlySynthetic(IterableDataset):
         self._factory = generator_factory
         self._generator = None
         self.store = None
+        self._prepared = False
         if self.synthetic.get("write_through"):
             self.store = SyntheticStore(self.synthetic["dir"])
-            self.store.prepare(dataset_config(self.generator_cfg, self.synthetic, self.classes, self.records))
+            self.config = dataset_config(self.generator_cfg, self.synthetic, self.classes, self.records)
+            self.store.check_config(self.config)  # the folder is written only once a pipeline has loaded
 
     def _device(self) -> torch.device:
         if torch.cuda.is_available() and get_worker_info() is None:
@@ -75,7 +78,7 @@ class OnTheFlySynthetic(IterableDataset):
         return self._generator
 
     def stream(self) -> tuple[int, int, str]:
-        """(first sample index, stride, shard tag) of this worker's share of the stream."""
+        """(first group index, stride in groups, shard tag) of this worker's share of the stream."""
         rank, world = rank_and_world()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -94,24 +97,25 @@ class OnTheFlySynthetic(IterableDataset):
         start, stride, tag = self.stream()
         cache = {e["id"]: e for e in self.store.entries()} if self.store is not None else {}
         dropped = {d["id"] for d in self.store.dropped()} if self.store is not None else set()
-        k = 0
+        group = start
         while True:
-            indices = [start + (k + j) * stride for j in range(self.batch_size)]
-            k += self.batch_size
-            todo = []
-            for i in indices:
+            todo = list(range(group * self.batch_size, (group + 1) * self.batch_size))
+            group += stride
+            cached = {}
+            for i in todo:
                 sid = sample_id(i)
-                if sid in dropped:
-                    continue
-                cached = self._read_cached(cache[sid]) if sid in cache else None
-                if cached is not None:
-                    yield self._item(*cached, sid)
-                else:
-                    todo.append(i)
-            if not todo:
+                if sid in cache and sid not in dropped:
+                    cached[sid] = self._read_cached(cache[sid])
+            if all(sample_id(i) in dropped or cached.get(sample_id(i)) is not None for i in todo):
+                for sid, item in cached.items():
+                    yield self._item(*item, sid)
                 continue
+            # a group is made whole, as by `python -m dsdiff.generate`, so its samples are the same bits
             records = [self.records[i % len(self.records)] for i in todo]
             samples = self.generator()(records, [self.seed + i for i in todo])
+            if self.store is not None and not self._prepared:
+                self.store.prepare(self.config)
+                self._prepared = True
             for i, sample in zip(todo, samples):
                 sid = sample_id(i)
                 reason = filter_reason(sample.label, drop_empty=bool(self.filters.get("drop_empty", True)),

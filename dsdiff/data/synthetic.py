@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,34 @@ def _repair_tail(path: Path) -> None:
         keep = data.rfind(b"\n") + 1
         f.truncate(keep)
         log.warning("%s ended in a torn line (a writer killed mid-line): cut it off", path)
+
+
+_TAILS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+def file_problem(path: Path) -> str | None:
+    """Why an image file is not a whole image (missing, empty, unreadable header, cut short), or None.
+
+    Cheap: reads the header and the last bytes, not the pixels (PNG must end in IEND, JPEG in EOI).
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - the header parsed
+    except Exception as e:  # noqa: BLE001 - any undecodable header
+        return f"unreadable ({e})"
+    tail = _TAILS.get(path.suffix.lower())
+    if tail:
+        with path.open("rb") as f:
+            f.seek(max(0, size - 16))
+            if not f.read().rstrip(b"\0").endswith(tail):
+                return "truncated (no end marker)"
+    return None
 
 
 def filter_reason(label: np.ndarray, *, drop_empty: bool = True, max_uncertain: float | None = None) -> str | None:
@@ -179,16 +208,37 @@ class SyntheticStore:
                     rows[str(row["id"])] = row
         return rows
 
+    def _latest(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Manifest and dropped rows by id; an id in both (its group made again, the filter now
+        deciding otherwise) counts where its latest row is."""
+        kept, dropped = self._rows(MANIFEST), self._rows(DROPPED)
+        for sid in set(kept) & set(dropped):
+            if kept[sid].get("time", 0) >= dropped[sid].get("time", 0):
+                del dropped[sid]
+            else:
+                del kept[sid]
+        return kept, dropped
+
     def entries(self) -> list[dict]:
         """Manifest entries of finished samples, one per id, sorted by id."""
-        return [row for _, row in sorted(self._rows(MANIFEST).items())]
+        return [row for _, row in sorted(self._latest()[0].items())]
 
     def dropped(self) -> list[dict]:
-        return [row for _, row in sorted(self._rows(DROPPED).items())]
+        return [row for _, row in sorted(self._latest()[1].items())]
 
     def done_ids(self) -> set[str]:
-        """Ids that need no generation: in the manifest (image and mask present) or dropped."""
-        done = {e["id"] for e in self.entries() if (self.root / e["image"]).is_file() and (self.root / e["mask"]).is_file()}
+        """Ids that need no generation: dropped, or in the manifest with an image and mask that are whole
+        files (:func:`file_problem`); a sample whose file is empty or cut short is logged and left to redo."""
+        done, broken = set(), []
+        for e in self.entries():
+            problems = [(f, why) for f in (self.root / e["image"], self.root / e["mask"]) if (why := file_problem(f))]
+            if not problems:
+                done.add(e["id"])
+            elif any(why != "missing" for _, why in problems):
+                broken.append(f"{problems[0][0]} is {problems[0][1]}")
+        if broken:
+            log.warning("%s: %d finished samples have a broken file and will be made again, e.g. %s",
+                        self.root, len(broken), "; ".join(broken[:3]))
         return done | {d["id"] for d in self.dropped()}
 
     # -- writing -------------------------------------------------------------------------------
@@ -200,7 +250,7 @@ class SyntheticStore:
             _repair_tail(path)
             self._repaired.add(path)
         with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+            f.write(json.dumps({**dict(row), "time": round(time.time(), 6)}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -316,9 +366,15 @@ class SyntheticDataset(Dataset):
         return len(self.entries)
 
     def _read(self, entry: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        image = read_rgb(self.root / entry["image"])
-        mask_path = self.root / entry["mask"]
-        mask = read_label_png(mask_path)
+        image_path, mask_path = self.root / entry["image"], self.root / entry["mask"]
+        try:
+            image = read_rgb(image_path)
+        except Exception as e:  # noqa: BLE001 - torchvision's decode errors do not name the file
+            raise ValueError(f"image {image_path} could not be read: {e}") from e
+        try:
+            mask = read_label_png(mask_path)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"mask {mask_path} could not be read: {e}") from e
         bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
         if bad.any():
             raise ValueError(f"mask {mask_path} holds labels {np.unique(mask[bad]).tolist()} outside 0..{self.num_classes - 1}, 255")

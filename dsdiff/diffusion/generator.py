@@ -6,6 +6,7 @@ into label maps. It keeps no global state; one instance per device.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import math
@@ -52,9 +53,8 @@ def set_scheduler(pipe, name: str | None) -> None:
     """Swap the pipeline's scheduler for one named in ``SCHEDULERS``, keeping its noise schedule."""
     if name is None:
         return
+    check_settings(scheduler=name)
     key = name.lower().replace("_", "-")
-    if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}: use one of {sorted(SCHEDULERS)}")
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[key])
@@ -79,13 +79,27 @@ def latent_size(pipe, height: int, width: int) -> tuple[int, int]:
     return height // factor, width // factor
 
 
-def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool = False):
-    """A diffusers pipeline from a hub id or a local ``save_pretrained`` folder, with clear errors."""
+def check_settings(*, scheduler: str | None = None, tau: float = 4, alpha: float = 0.6, beta: float = 0.5,
+                   window: Sequence[float] = (0.0, 1.0)) -> None:
+    """Raise on generator settings that need no weights to judge (names are the ``generator.*`` keys)."""
+    if scheduler is not None and scheduler.lower().replace("_", "-") not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r} (generator.scheduler): use one of {sorted(SCHEDULERS)} or null (the checkpoint's own)")
+    if alpha < beta:
+        raise ValueError(f"generator.alpha={alpha} < generator.beta={beta}: pixels with max map >= alpha are labelled and < beta "
+                         "background, so alpha must be >= beta")
+    if tau < 0:
+        raise ValueError(f"generator.tau={tau}: the self-attention power must be 0 or more")
+    if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
+        raise ValueError(f"generator.window={list(window)}: use fractions [start, end] with 0 <= start < end <= 1 of the steps")
+
+
+def pipeline_config(model: str | Path) -> dict:
+    """``model_index.json`` of a hub id or local diffusers folder (no weights loaded), with clear errors."""
     from diffusers import DiffusionPipeline
 
-    fix = "pass model=<hub id or local diffusers folder with model_index.json>"
+    fix = "pass generator.model=<hub id or local diffusers folder with model_index.json>"
     try:
-        config = DiffusionPipeline.load_config(str(model))
+        config = dict(DiffusionPipeline.load_config(str(model)))
     except (OSError, ValueError) as e:
         hint = " (a hub id needs network access; HF_HUB_OFFLINE=1 forbids downloads)" if not Path(str(model)).exists() else ""
         raise FileNotFoundError(f"no Stable Diffusion weights at {model!r}{hint}: {fix}. Cause: {e}") from e
@@ -94,6 +108,72 @@ def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool
             f"{model!r} is a {config.get('_class_name')} without a UNet: dsdiff records UNet attention "
             "(Stable Diffusion 1.x/2.x, SDXL)"
         )
+    return config
+
+
+def load_tokenizer(model: str | Path):
+    """The pipeline's (first) tokenizer alone: enough to check that class names can be placed."""
+    import transformers
+
+    config = pipeline_config(model)
+    entry = config.get("tokenizer")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        raise ValueError(f"{model!r} has no tokenizer in its model_index.json: dsdiff needs a text-to-image pipeline")
+    cls = getattr(transformers, entry[1], None) or transformers.AutoTokenizer
+    try:
+        return cls.from_pretrained(str(model), subfolder="tokenizer")
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load the tokenizer of {model!r}: pass generator.model=<a complete diffusers folder>. Cause: {e}") from e
+
+
+def check_class_names(tokenizer, class_names: Sequence[str]) -> None:
+    """Raise, naming the class, if the tokenizer cannot place a class name in a class prompt."""
+    for name in class_names[1:]:
+        try:
+            class_token_spans(tokenizer, [class_words(name)])
+        except ValueError as e:
+            raise ValueError(f"class name {name!r} of data.class_list cannot be placed by this model's tokenizer: {e}") from e
+
+
+WEIGHT_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".model")
+_CHUNK = 1 << 20
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over a model folder's config and weight files: relative path, size, first and last MiB.
+
+    Cheap for multi-GB checkpoints (2 MiB read per file) and independent of where the folder lives.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with p.open("rb") as f:
+            h.update(f.read(_CHUNK))
+            if size > 2 * _CHUNK:
+                f.seek(size - _CHUNK)
+            h.update(f.read())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def model_identity(model: str | Path) -> str | dict:
+    """What ``dataset.json`` records of ``generator.model``: a hub id as it is; a local folder as its
+    name and :func:`folder_digest` (so moving the folder keeps a cache valid, changing its weights does not)."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return {"name": path.resolve().name, "digest": folder_digest(path)}
+    return str(model)
+
+
+def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool = False):
+    """A diffusers pipeline from a hub id or a local ``save_pretrained`` folder, with clear errors."""
+    from diffusers import DiffusionPipeline
+
+    fix = "pass generator.model=<hub id or local diffusers folder with model_index.json>"
+    config = pipeline_config(model)
     # A component saved as [null, null] (a pixel-space model's vae) must be passed as None
     # explicitly: diffusers only fills in the optional ones (safety checker, feature extractor).
     extra = {name: None for name, value in config.items() if isinstance(value, list) and value == [None, None]}
@@ -154,10 +234,7 @@ class SyntheticGenerator:
                 raise TypeError(f"{type(pipe).__name__} has no {attr}: dsdiff needs a UNet text-to-image pipeline (SD 1.x/2.x, SDXL)")
         if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
             raise TypeError(f"{type(pipe).__name__} has no callback_on_step_end: update diffusers (>=0.30)")
-        if not 0.0 <= window[0] < window[1] <= 1.0:
-            raise ValueError(f"window must be fractions 0 <= start < end <= 1 of the steps, got {window}")
-        if alpha < beta or tau < 0:
-            raise ValueError(f"need alpha >= beta and tau >= 0, got alpha={alpha}, beta={beta}, tau={tau}")
+        check_settings(tau=tau, alpha=alpha, beta=beta, window=window)
         self.pipe, self.class_names, self.model_id = pipe, tuple(class_names), model_id
         self.num_inference_steps, self.guidance_scale, self.negative_prompt = num_inference_steps, guidance_scale, negative_prompt
         default_size = pipe.unet.config.sample_size * image_to_latent_factor(pipe)
@@ -167,8 +244,7 @@ class SyntheticGenerator:
         self.class_prompt = class_prompt  # False: maps from the prompt's own class-word tokens (ablation)
         self.store = AttentionStore()
         self._installed_for: tuple | None = None  # (latent size, a recorder's name, that recorder)
-        for name in self.class_names[1:]:  # fail now, not mid-run, on a name the tokenizer cannot place
-            class_token_spans(pipe.tokenizer, [class_words(name)])
+        check_class_names(pipe.tokenizer, self.class_names)  # fail now, not mid-run
         self._install(latent_size(pipe, self.height, self.width))
         pipe.set_progress_bar_config(disable=True)
 

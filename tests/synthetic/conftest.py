@@ -44,3 +44,19 @@ class GenerateCLI:
 def gen_cli():
     """``gen_cli.cmd(...)`` / ``gen_cli.run(...)``: the generate command line, and running it to success."""
     return GenerateCLI
+
+
+@pytest.fixture
+def gen_inproc(make_cfg, tiny32):
+    """``gen_inproc(out, n, *overrides)``: run ``generation.generate`` in this process (no CLI start-up)."""
+    from dsdiff.generation import generate
+
+    def _cfg(out: Path, n: int, *extra: str):
+        return make_cfg(["+experiment=voc_deeplab", "trainer=cpu", "logger=csv", f"generator.model={tiny32}",
+                         f"synthetic.num_images={n}", f"synthetic.dir={out}", *GEN_ARGS, *extra])
+
+    def _run(out: Path, n: int, *extra: str) -> dict:
+        return generate(_cfg(out, n, *extra))
+
+    _run.cfg = _cfg
+    return _run

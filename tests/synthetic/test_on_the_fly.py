@@ -1,6 +1,8 @@
 """On-the-fly generation: distinct seeds across workers, write-through, and training on it."""
 import itertools
 
+import pytest
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -23,7 +25,7 @@ def test_two_workers_draw_distinct_samples(tiny32, tmp_path):
     items = list(itertools.islice(iter(loader), 8))
     names = [item["name"] for item in items]
     assert len(set(names)) == 8
-    # worker 0 makes samples 0, 2, 4, ...; worker 1 makes 1, 3, 5, ...: together the first ids
+    # worker 0 makes groups 0, 2, ... (ids 0-1, 4-5), worker 1 groups 1, 3, ... (ids 2-3, 6-7): together the first ids
     assert sorted(names) == [f"{i:07d}" for i in range(8)]
     images = torch.stack([item["image"].float() for item in items])
     diffs = [(images[i] - images[j]).abs().mean() for i in range(8) for j in range(i + 1, 8)]
@@ -52,3 +54,11 @@ def test_train_set_factory_picks_the_mode(tiny32, tmp_path):
     assert isinstance(stream, OnTheFlySynthetic) and stream.num_classes == 21
     batch = pad_collate(list(itertools.islice(iter(stream), 2)))
     assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 32, 32)
+
+
+def test_write_through_with_a_bad_model_leaves_no_folder(tmp_path):
+    synthetic = _synthetic(tmp_path, write_through=True)
+    data = OnTheFlySynthetic({**GEN, "model": str(tmp_path / "nowhere")}, synthetic, VOC_CLASSES)
+    with pytest.raises(FileNotFoundError, match="no Stable Diffusion weights"):
+        next(iter(data))
+    assert not (tmp_path / "syn").exists()

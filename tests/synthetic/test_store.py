@@ -167,3 +167,41 @@ def test_max_samples_reads_the_first_n_of_an_extended_folder(tmp_path):
     _fill(store, range(6))
     assert SyntheticDataset(store.root, max_samples=4).ids == ["0000000", "0000001", "0000002", "0000003"]
     assert len(SyntheticDataset(store.root)) == 6
+
+
+def test_an_empty_image_is_skipped_with_its_path_and_is_not_done(tmp_path, caplog):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(3))
+    empty = store.root / "images" / "0000001.png"
+    empty.write_bytes(b"")  # torchvision alone says "Expected a non empty file", no path
+    data = SyntheticDataset(store.root)
+    with caplog.at_level(logging.WARNING, logger="dsdiff"):
+        assert data[1]["name"] == "0000002"
+    assert str(empty) in caplog.text
+    assert store.done_ids() == {"0000000", "0000002"}  # made again by the next generation run
+
+
+def test_a_cut_short_mask_or_jpeg_is_not_done(tmp_path):
+    from dsdiff.data.synthetic import file_problem
+
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(2), image_format="jpg")
+    jpg, mask = store.root / "images" / "0000000.jpg", store.root / "masks" / "0000001.png"
+    assert file_problem(jpg) is None and file_problem(mask) is None
+    jpg.write_bytes(jpg.read_bytes()[:-40])
+    mask.write_bytes(mask.read_bytes()[: len(mask.read_bytes()) // 2])
+    assert file_problem(jpg) == "truncated (no end marker)" and file_problem(mask).startswith(("truncated", "unreadable"))
+    assert store.done_ids() == set()
+
+
+def test_a_sample_made_again_counts_where_its_latest_row_is(tmp_path):
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    _fill(store, range(2))
+    store.write_dropped(sample_id(0), "no_foreground", {"seed": 0})  # made again in a new group, now dropped
+    assert [e["id"] for e in store.entries()] == ["0000001"] and [d["id"] for d in store.dropped()] == ["0000000"]
+    _fill(store, [0], tag="rank1")  # and again, kept
+    store.compact()
+    assert [e["id"] for e in store.entries()] == ["0000000", "0000001"] and store.dropped() == []

@@ -1,0 +1,97 @@
+"""Progress as log lines: ``generation: 120/400 batches (30%), 2.1/s, ETA 0:02:13``.
+
+Terminal bars (Rich, tqdm) print nothing useful when output goes to a file; this bar logs a
+line to the ``dsdiff`` logger every ``percent`` percent (and at the end), so a log file or a
+SLURM output shows how far training, generation and pseudo-labelling are. It is a Lightning
+``ProgressBar``, so a trainer that has it shows no other bar.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import timedelta
+
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+log = logging.getLogger("dsdiff")
+
+
+def format_progress(name: str, done: int, total: int | None, seconds: float, unit: str, since: int = 0) -> str:
+    """One progress line; the rate counts only what this process did (``done - since``)."""
+    rate = (done - since) / seconds if seconds > 0 else 0.0
+    if total:
+        eta = str(timedelta(seconds=round((total - done) / rate))) if rate > 0 else "?"
+        return f"{name}: {done}/{total} {unit} ({100 * done / total:.0f}%), {rate:.2f}/s, ETA {eta}"
+    return f"{name}: {done} {unit}, {rate:.2f}/s"
+
+
+class LogProgress(ProgressBar):
+    """Logs training steps (against ``max_steps``) and prediction batches every ``percent`` percent.
+
+    ``refresh_rate``: also log every this many steps/batches (None: only by percent).
+    """
+
+    def __init__(self, percent: float = 5.0, refresh_rate: int | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.percent, self.refresh_rate, self.name = float(percent), refresh_rate, name
+        self._enabled = True
+        self._start = 0.0
+        self._since = 0
+        self._next = 0
+        self._count = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def _begin(self, done: int, total: int | None) -> None:
+        self._start, self._since, self._count = time.monotonic(), done, done
+        self._next = done + self._step(total)
+
+    def _step(self, total: int | None) -> int:
+        by_percent = max(1, math.ceil((total or 0) * self.percent / 100)) if total else 10 ** 9
+        return min(by_percent, self.refresh_rate) if self.refresh_rate else by_percent
+
+    def _tick(self, name: str, done: int, total: int | None, unit: str, extra: str = "") -> None:
+        if not self._enabled or self.trainer is None or not self.trainer.is_global_zero:
+            return
+        if done >= self._next or (total and done >= total):
+            self._next = done + self._step(total)
+            log.info("%s%s", format_progress(name, done, total, time.monotonic() - self._start, unit, self._since), extra)
+
+    # -- training ---------------------------------------------------------------------------------
+    def _train_total(self, trainer) -> int | None:
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        batches = self.total_train_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(batches):
+            return int(batches * trainer.max_epochs)
+        return None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._begin(trainer.global_step, self._train_total(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        extra = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in metrics.items())
+        self._tick(self.name or "train", trainer.global_step, self._train_total(trainer), "steps", extra)
+
+    # -- prediction (generation, pseudo-labels) ---------------------------------------------------
+    def _predict_total(self) -> int | None:
+        total = sum(n for n in self.trainer.num_predict_batches if math.isfinite(n))
+        return int(total) or None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._begin(0, self._predict_total())
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count += 1
+        self._tick(self.name or "predict", self._count, self._predict_total(), "batches")
