@@ -328,5 +328,10 @@ def _caption_cli(args: argparse.Namespace) -> Path:
     return out
 
 
+def cli() -> None:
+    """The ``dsdiff-prompts`` console script: its wrapper exits with what this returns, so nothing."""
+    main()
+
+
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

@@ -80,3 +80,20 @@ def test_captioner_option_captions_a_voc_folder_and_resumes_only_with_the_same_s
         main([*args, "--prefixes", "an image of"])
     with pytest.raises(SystemExit):
         main([*args, "--captions", str(out)])  # --captioner with a captions file: ambiguous
+
+
+def test_console_script_exits_zero_on_success(voc_expected, tmp_path):
+    """`dsdiff-prompts` runs `sys.exit(<its target>())`: a returned path would exit with status 1."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    module, func = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]["dsdiff-prompts"].split(":")
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"image": f"{voc_expected['splits']['train'][0]}.jpg", "caption": "a photo of things"}) + "\n")
+    code = (f"import sys; sys.argv = ['dsdiff-prompts', '--dataset', 'voc', '--root', {str(voc_expected['root'])!r}, "
+            f"'--split', 'train', '--captions', {str(captions)!r}, '--out', {str(tmp_path / 'p.jsonl')!r}]; "
+            f"from {module} import {func}; sys.exit({func}())")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+    assert (tmp_path / "p.jsonl").is_file()
