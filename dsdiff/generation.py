@@ -225,16 +225,16 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
     class_names = get_class_list(cfg.data.class_list).classes
-    from dsdiff.prompts import ensure_prompts  # the prompts stage: captions + class names, cached
-
-    records = prompt_records(synthetic.get("prompts") or ensure_prompts(cfg), class_names, synthetic.get("template") or DEFAULT_TEMPLATE,
-                             synthetic.get("max_classes_per_prompt", 1))
     check_settings(scheduler=generator.get("scheduler"), tau=generator.get("tau", 4), alpha=generator.get("alpha", 0.6),
                    beta=generator.get("beta", 0.5), window=list(generator.get("window") or (0.0, 1.0)))
     overwrite = bool(synthetic.get("overwrite"))
     store = SyntheticStore(synthetic.dir)
     check_output_dir(store.root)
     check_class_names(load_tokenizer(generator.model), class_names)  # also: is it a pipeline at all
+    from dsdiff.prompts import ensure_prompts  # the prompts stage (captions + class names, cached): after the cheap checks
+
+    records = prompt_records(synthetic.get("prompts") or ensure_prompts(cfg), class_names, synthetic.get("template") or DEFAULT_TEMPLATE,
+                             synthetic.get("max_classes_per_prompt", 1))
     config = dataset_config(generator, synthetic, class_names, records)
     if not overwrite:
         adopt_older_folder(store, config)

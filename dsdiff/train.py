@@ -30,7 +30,7 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from dsdiff.config import config_dir
 from dsdiff.data.synthetic import SyntheticDataset
@@ -146,6 +146,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if cfg.get("train") and synthetic and cfg.synthetic.get("mode", "cached") == "cached":
         _generate_stage(cfg, stages)
+    elif cfg.get("train") and synthetic:
+        on_the_fly_prompts(cfg)
 
     checkpoint = (stages.get("train") or {}).get("checkpoint")
     fitted = ["train"] if cfg.get("train") else []
@@ -214,6 +216,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("metrics written to %s", work / "metrics.json")
     finish_loggers(loggers)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "work_dir": work}
+
+
+def on_the_fly_prompts(cfg: DictConfig) -> None:
+    """synthetic.mode=on_the_fly: run the prompts stage (captions by default) and point the stream at its file."""
+    if cfg.synthetic.get("prompts"):
+        return
+    from dsdiff.prompts import ensure_prompts
+
+    path = ensure_prompts(cfg)
+    if path is not None:
+        with open_dict(cfg):
+            cfg.synthetic.prompts = str(path)
 
 
 def _generate_stage(cfg: DictConfig, stages: Stages) -> None:

@@ -73,3 +73,20 @@ def test_coco_deeplab_generates_from_coco_train_captions(make_cfg, tmp_path, coc
         assert caption + "." in captions[s["image_id"]]
         assert "; " + classes == _class_part(labels[s["image_id"]], COCO_CLASSES)
     _assert_protocol_metrics(tmp_path / "run")
+
+
+def test_on_the_fly_stream_uses_the_prompts_stage_too(make_cfg, tmp_path, voc_expected, tiny_sd, tiny_blip):
+    """synthetic.mode=on_the_fly must not fall back to class templates when the experiment asks for captions."""
+    import hydra
+
+    from dsdiff.train import on_the_fly_prompts
+
+    cfg = make_cfg(["+experiment=voc_deeplab", *TINY, f"paths.voc={voc_expected['root']}", f"paths.data_dir={tmp_path / 'data'}",
+                    f"generator.model={tiny_sd}", f"prompts.captioner={tiny_blip}", "synthetic.mode=on_the_fly"],
+                   output_dir=tmp_path / "run")
+    on_the_fly_prompts(cfg)
+    stream = hydra.utils.instantiate(cfg.data.train)(transform=None)
+    assert len(stream.records) == 6 * 3  # every train image, one caption per prefix
+    for r in stream.records:
+        labels = voc_expected["labels"][r.image_id]
+        assert r.prompt.endswith(_class_part(labels, VOC_CLASSES))

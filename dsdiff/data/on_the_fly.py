@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from dsdiff.data.classes import get_class_list
 from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore, filter_reason, sample_id
 from dsdiff.data.voc import read_label_png, read_rgb
+from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE
 from dsdiff.generation import dataset_config, prompt_records, to_plain
 
 log = logging.getLogger("dsdiff")
@@ -48,7 +49,7 @@ class OnTheFlySynthetic(IterableDataset):
         self.classes = tuple(class_names)
         self.num_classes = len(self.classes)
         self.transform = transform
-        self.records = prompt_records(self.synthetic.get("prompts"), self.classes, self.synthetic.get("template") or "a photo of {}",
+        self.records = prompt_records(self.synthetic.get("prompts"), self.classes, self.synthetic.get("template") or DEFAULT_TEMPLATE,
                                       self.synthetic.get("max_classes_per_prompt", 1))
         self.seed = int(self.synthetic.get("seed", 0))
         self.batch_size = int(self.generator_cfg.get("batch_size", 1))
