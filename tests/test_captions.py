@@ -197,9 +197,12 @@ def test_a_partial_file_cut_anywhere_resumes_into_valid_lines(tmp_path, voc_expe
 
 
 def test_generate_with_a_missing_captioner_writes_nothing(make_cfg, tmp_path, voc_expected):
+    from dsdiff.diffusion.testing import save_tiny_pipeline
     from dsdiff.generation import generate
 
-    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_expected['root']}",
+    # a loadable generator, so that the captioner is what is missing (the generator is checked first)
+    tiny_sd = save_tiny_pipeline(tmp_path / "tiny_sd")
+    cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_expected['root']}", f"generator.model={tiny_sd}",
                     f"paths.data_dir={tmp_path / 'data'}", f"synthetic.dir={tmp_path / 'syn'}",
                     f"prompts.captioner={tmp_path / 'no_blip'}", "synthetic.num_images=2"], output_dir=tmp_path / "run")
     with pytest.raises(RuntimeError, match="prompts.captioner=.*no_blip.*prompts.captions="):
