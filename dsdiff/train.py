@@ -257,7 +257,7 @@ def _pseudo_stage(cfg: DictConfig, checkpoint: str | None, source: Path, out: Pa
         model = trained
     else:
         raise RuntimeError("self-training needs the trained model's checkpoint, and the train stage saved none: "
-                           "keep the model_checkpoint callback, or set selftrain.rounds=0")
+                           "keep the last_checkpoint callback, or set selftrain.rounds=0")
     log.info("stage %s: pseudo-labels (%s%s) from %s into %s", out.name, selftrain.mode, ", TTA" if selftrain.tta else "",
              checkpoint or "the model in memory", out)
 

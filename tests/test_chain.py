@@ -168,7 +168,7 @@ def _pseudo(source, out, max_samples):
     from dsdiff.selftrain import pseudo_label
 
     def make_trainer(callbacks):
-        return L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
+        return L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
                          enable_model_summary=False, default_root_dir=str(out))
 
     return pseudo_label(Brightness(), source, out, make_trainer, batch_size=2, max_samples=max_samples, checkpoint="test")

@@ -133,11 +133,11 @@ def test_resumed_test_keeps_the_train_stage_metrics(make_cfg, voc_root, tmp_path
     """Issue 11, fault 4: a resumed chain overwrote metrics.json with only the test metrics."""
     train(_cfg(make_cfg, tmp_path, voc_root, "a", "test=false"))
     run = _runs(tmp_path) / "a"
-    val = json.loads((run / "metrics.json").read_text())["val/mIoU"]
+    val = json.loads((run / "metrics.json").read_text())["tune/mIoU"]
     metrics, _ = train(_cfg(make_cfg, tmp_path, voc_root, "b", "resume=true"))
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["val/mIoU"] == pytest.approx(val) and 0 <= saved["test/mIoU"] <= 1
-    assert metrics["val/mIoU"] == pytest.approx(val)  # what a sweeper is handed, too
+    assert saved["tune/mIoU"] == pytest.approx(val) and 0 <= saved["test/mIoU"] <= 1
+    assert metrics["tune/mIoU"] == pytest.approx(val)  # what a sweeper is handed, too
     assert json.loads((_runs(tmp_path) / "b" / "metrics.json").read_text()) == saved
 
 
@@ -181,7 +181,7 @@ def test_training_set_of_one_image_is_refused_and_a_last_batch_of_one_is_dropped
 def test_logger_none_trains(make_cfg, voc_root, tmp_path):
     """Issue 11: logger=none crashed (LearningRateMonitor needs a logger)."""
     metrics, objects = train(_cfg(make_cfg, tmp_path, voc_root, "a", "logger=none", "test=false"))
-    assert objects["trainer"].global_step == 4 and 0 <= metrics["val/mIoU"] <= 1
+    assert objects["trainer"].global_step == 4 and 0 <= metrics["tune/mIoU"] <= 1
     assert not (_runs(tmp_path) / "a" / "csv").exists()
 
 
@@ -198,7 +198,7 @@ def test_identity_ignores_where_outputs_go(make_cfg, tmp_path):
     b = identity(make_cfg(["+experiment=voc_deeplab", "logger=csv", "synthetic.overwrite=true"], output_dir=tmp_path / "y"))
     c = identity(make_cfg(["+experiment=voc_deeplab", "generator.tau=2"], output_dir=tmp_path / "z"))
     assert a["digest"] == b["digest"] != c["digest"]
-    assert "callbacks" in a["config"] and "dirpath" not in a["config"]["callbacks"]["model_checkpoint"]
+    assert "callbacks" in a["config"] and "dirpath" not in a["config"]["callbacks"]["last_checkpoint"]
     assert json.loads(json.dumps(a["config"])) == a["config"]  # plain values, as stages.json stores them
 
 
