@@ -81,14 +81,24 @@ class AttentionStore:
         return sum(t.numel() * t.element_size() for t in (self.cross_sum, self.self_sum) if t is not None)
 
 
+# Transient fp32 scores of one chunk of samples are kept under this many bytes: at SD's 32x32
+# self-attention (10 heads, N = 1024) that is one sample at a time, at 16x16 cross-attention
+# over 77 class-prompt tokens a whole batch of 8 in one product (fewer kernel launches).
+CHUNK_BYTES = 64 * 2**20
+
+
 def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(Q K^T * scale) in fp32, averaged over heads: (B, H, N, d) x (B, H, L, d) -> (B, N, L).
 
-    One sample at a time, so the transient (H, N, L) scores stay small.
+    Samples go in chunks whose (b, H, N, L) scores fit ``CHUNK_BYTES``, so the transient stays small.
     """
-    return torch.stack(
-        [torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).mean(0) for q, k in zip(query, key)]
-    )
+    b, h, n, _ = query.shape
+    per_sample = h * n * key.shape[2] * 4
+    step = max(1, min(b, CHUNK_BYTES // max(per_sample, 1)))
+    return torch.cat([
+        torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).mean(1)
+        for q, k in zip(query.split(step), key.split(step))
+    ])
 
 
 class RecordingAttnProcessor:
@@ -152,6 +162,7 @@ class RecordingAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    @torch.compiler.disable  # python-side sums and counts: run eagerly inside a compiled UNet
     def _record(self, attn, query: torch.Tensor, key: torch.Tensor) -> None:
         b, n = self.store.batch_size, query.shape[2]
         if n != self.hw[0] * self.hw[1]:
