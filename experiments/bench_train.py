@@ -228,18 +228,21 @@ def run_preset(name: str, args, device, root: Path) -> list[dict]:
         variants.append((args.precision[-1], True))
     for prec, cl in variants:
         label = prec + (", channels-last" if cl else "")
-        bare = bare_loop(p, batches, args, device, prec, cl)
-        light = lightning_loop(p, batches, args, device, prec, cl, callbacks=False)
-        full = lightning_loop(p, batches, args, device, prec, cl, callbacks=True)
-        bare2 = bare_loop(p, batches, args, device, prec, cl)  # again, so drift over the run shows
-        bare_s = statistics.mean([bare, bare2])
+        bare, light, full = [], [], []
+        for _ in range(args.rounds):  # interleaved, so load drifts on a shared machine hit all three alike
+            bare.append(bare_loop(p, batches, args, device, prec, cl))
+            light.append(lightning_loop(p, batches, args, device, prec, cl, callbacks=False))
+            full.append(lightning_loop(p, batches, args, device, prec, cl, callbacks=True))
+        bare.append(bare_loop(p, batches, args, device, prec, cl))  # the bare loop brackets the others
+        bare_s, light_s, full_s = statistics.median(bare), statistics.median(light), statistics.median(full)
         row = {"preset": name, "setting": label, "batch": p["batch"], "crop": p["crop"], "bare_s": bare_s,
-               "bare_spread": [bare, bare2], "lightning_s": light, "lightning_callbacks_s": full,
-               "ratio": bare_s / light, "ratio_callbacks": bare_s / full, "loader_s": load_s, "workers": workers,
+               "bare_runs": bare, "lightning_runs": light, "lightning_callbacks_runs": full,
+               "lightning_s": light_s, "lightning_callbacks_s": full_s,
+               "ratio": bare_s / light_s, "ratio_callbacks": bare_s / full_s, "loader_s": load_s, "workers": workers,
                "loader_vs_step": load_s / bare_s}
         rows.append(row)
-        print(f"[{name}, {label}] bare {1 / bare_s:.2f} steps/s (runs {bare * 1e3:.0f}, {bare2 * 1e3:.0f} ms), "
-              f"lightning {1 / light:.2f} ({row['ratio']:.3f} of bare), with callbacks {1 / full:.2f} "
+        print(f"[{name}, {label}] bare {1 / bare_s:.2f} steps/s (runs {[round(b * 1e3) for b in bare]} ms), "
+              f"lightning {1 / light_s:.2f} ({row['ratio']:.3f} of bare), with callbacks {1 / full_s:.2f} "
               f"({row['ratio_callbacks']:.3f}); loader {load_s * 1e3:.1f} ms/batch = {row['loader_vs_step']:.2f} of a step",
               flush=True)
     return rows
@@ -254,7 +257,8 @@ def render(args, device, rows) -> str:
         "",
         f"- device: {device.type} ({where}); torch {torch.__version__}; lightning {lightning.__version__}",
         f"- {args.warmup} warm-up steps then {args.steps} timed steps per loop over {args.distinct} pre-made batches "
-        "from the preset's real data pipeline; the bare loop runs before and after the Lightning runs (mean; both in the JSON)",
+        f"from the preset's real data pipeline; {args.rounds} interleaved round(s) of bare, Lightning, Lightning + callbacks, "
+        "then bare once more; medians (every run in the JSON)",
         "- shapes: DeepLabV3+ ResNet-18 (the demo's), 32 px crops, batch 32, 0 workers; voc: DeepLabV3 ResNet-101 OS 8, "
         "512 px crops, batch 8, 4 workers (random VOC-format JPEGs). Random init (no download).",
         "- 'with callbacks': the run's EMA of the weights, lr monitor and CSV logger (log_every_n_steps 20). "
@@ -281,6 +285,7 @@ def main() -> None:
     ap.add_argument("--crop", type=int, default=None, help="override the preset's crop size (quick checks)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three loops (medians)")
     ap.add_argument("--distinct", type=int, default=4, help="pre-made batches the loops cycle over")
     ap.add_argument("--loader-batches", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a shared machine)")
