@@ -24,6 +24,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +38,9 @@ from dsdiff.diffusion import SyntheticGenerator, attention_to_labels  # noqa: E4
 from dsdiff.diffusion.attention import RecordingAttnProcessor  # noqa: E402
 from dsdiff.diffusion.masks import labels_from_maps, minmax_normalise, refine, upsample  # noqa: E402
 from dsdiff.diffusion.testing import build_sd_shaped_pipeline  # noqa: E402
-from dsdiff.runtime import write_json_atomic, write_text_atomic  # noqa: E402
+from dsdiff.runtime import write_json_atomic  # noqa: E402
+
+from _results import write_section  # noqa: E402  (experiments/_results.py)
 
 RESULTS = Path(__file__).parent / "results" / "bench_generation.md"
 PROMPTS = ["a photo of a dog on a sofa", "a person riding a horse", "a cat next to a bottle", "a bus in the street"]
@@ -264,7 +267,9 @@ def render(args, device, dtype, gen_rows, ref_rows, census) -> str:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} thread(s)"
     mem_kind = "CUDA allocator peak" if device.type == "cuda" else "process peak RSS (VmHWM)"
     lines = [
-        "# bench_generation",
+        f"## {device.type.upper()}, {args.arch} layout, {str(dtype).replace('torch.', '')}" + (", torch.compile" if args.compile else ""),
+        "",
+        f"Written by `python experiments/bench_generation.py {' '.join(args.argv)}`.",
         "",
         f"- device: {device.type} ({where}); dtype {str(dtype).replace('torch.', '')}; torch {torch.__version__}; diffusers {diffusers.__version__}",
         f"- {args.layout}; random weights; {args.image_size}px, {args.steps} DDIM steps, guidance 7.5; "
@@ -328,6 +333,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args()
+    args.argv = sys.argv[1:]
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
@@ -348,8 +354,8 @@ def main() -> None:
 
     def save() -> None:  # after every section, so a run cut short keeps what it measured
         text = render(args, device, dtype, gen_rows, ref_rows, census)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.out, text)
+        section = f"bench_generation:{device.type}:{args.arch}" + (":compile" if args.compile else "")
+        write_section(args.out, section, text, "bench_generation")
         if args.json:
             write_json_atomic(args.json, {"device": device.type, "dtype": str(dtype), "torch": torch.__version__,
                                           "layout": args.layout, "census": census, "generation": gen_rows,

@@ -26,6 +26,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from functools import partial
@@ -38,7 +39,9 @@ from dsdiff.data.datamodule import SegDataModule
 from dsdiff.data.transforms import TrainTransform
 from dsdiff.models.net import SegmentationNet
 from dsdiff.models.segmenter import Segmenter, uncertainty_aware_ce
-from dsdiff.runtime import write_json_atomic, write_text_atomic
+from dsdiff.runtime import write_json_atomic
+
+from _results import write_section  # experiments/_results.py
 
 RESULTS = Path(__file__).parent / "results" / "bench_train.md"
 
@@ -253,7 +256,9 @@ def render(args, device, rows) -> str:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} thread(s)"
     lines = [
-        "# bench_train",
+        f"## {device.type.upper()}: Lightning vs a bare loop, data pipeline",
+        "",
+        f"Written by `python experiments/bench_train.py {' '.join(sys.argv[1:])}`.",
         "",
         f"- device: {device.type} ({where}); torch {torch.__version__}; lightning {lightning.__version__}",
         f"- {args.warmup} warm-up steps then {args.steps} timed steps per loop over {args.distinct} pre-made batches "
@@ -303,7 +308,7 @@ def main() -> None:
         for name in presets:
             rows += run_preset(name, args, device, Path(tmp))
             text = render(args, device, rows)
-            write_text_atomic(args.out, text)
+            write_section(args.out, f"bench_train:{device.type}", text, "bench_train")
             if args.json:
                 write_json_atomic(args.json, {"device": device.type, "torch": torch.__version__, "rows": rows})
     print(text)
