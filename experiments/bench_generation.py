@@ -152,26 +152,50 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = True, repeats: int | None = None, warmups: int = 1) -> list[dict]:
-    """Median time per image and peak memory of plain diffusers vs dsdiff at one batch size."""
-    prompts, seeds = [PROMPTS[i % len(PROMPTS)] for i in range(batch)], list(range(batch))
+PLAIN, RECORDERS, DSDIFF = "plain diffusers", "plain + recorders (no labels)", "dsdiff (recording + labels)"
 
+
+def runners(pipe, gen, args, device, batch: int) -> dict:
+    """Callables generating one batch: plain diffusers (SDPA everywhere), the plain call with dsdiff's
+    recorders installed (per-step recording cost alone), and dsdiff's SyntheticGenerator (all of it)."""
+    prompts, seeds = [PROMPTS[i % len(PROMPTS)] for i in range(batch)], list(range(batch))
     # The same processor objects every call: a compiled UNet then keeps one graph per variant
     # instead of recompiling for new objects.
     sdpa, recorders = AttnProcessor2_0(), dict(pipe.unet.attn_processors)
+    class_embeds = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)[0]
 
-    def plain():
-        pipe.unet.set_attn_processor(sdpa)
+    def call():
         pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=7.5, output_type="np",
              generator=[torch.Generator("cpu").manual_seed(s) for s in seeds])
 
-    def dsdiff():
+    def plain():
+        pipe.unet.set_attn_processor(sdpa)
+        call()
+
+    def recorders_only():
         pipe.unet.set_attn_processor(dict(recorders))  # (set_attn_processor empties the dict it gets)
+        gen.store.reset(class_embeds)
+        try:
+            call()
+        finally:
+            gen.store.clear()
+
+    def dsdiff():
+        pipe.unet.set_attn_processor(dict(recorders))
         gen(prompts, seeds)
 
-    runs = {"plain diffusers": plain, "dsdiff (recording + labels)": dsdiff}
+    return {PLAIN: plain, RECORDERS: recorders_only, DSDIFF: dsdiff}
+
+
+def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = True, repeats: int | None = None,
+            warmups: int = 1) -> list[dict]:
+    """Median time per image and peak memory of plain diffusers vs dsdiff at one batch size."""
+    runs = runners(pipe, gen, args, device, batch)
+    if not args.decompose:
+        runs.pop(RECORDERS)
     if not plain_too:
-        runs.pop("plain diffusers")
+        runs = {DSDIFF: runs[DSDIFF]}
     times = {k: [] for k in runs}
     peaks = {k: [] for k in runs}
     for _ in range(warmups):
@@ -188,7 +212,7 @@ def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = T
                 sync(device)
                 times[name].append(time.perf_counter() - start)
             peaks[name].append((mem.peak, mem.extra))
-    base = "plain diffusers" if plain_too else "dsdiff (recording + labels)"
+    base = PLAIN if plain_too else DSDIFF
     base_t = statistics.median(times[base])
     base_peak = max(p for p, _ in peaks[base])
     base_extra = max(e for _, e in peaks[base])
@@ -205,6 +229,32 @@ def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = T
         print(f"  [{label}, batch {batch}] {name}: {row['images_per_s']:.3f} img/s, {row['t_ratio']:.3f}x time, "
               f"peak {row['peak_mib']:.0f} MiB ({row['peak_ratio']:.3f}x)", flush=True)
     return rows
+
+
+def profile_runs(pipe, gen, args, device, batch: int) -> None:
+    """torch.profiler tables of one plain and one dsdiff batch (top ops by self device time, and the
+    host-device syncs), written to --profile DIR."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    args.profile.mkdir(parents=True, exist_ok=True)
+    for name, fn in runners(pipe, gen, args, device, batch).items():
+        fn()  # warm
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        syncs = {e.key: e.count for e in events if any(w in e.key for w in ("Synchronize", "Memcpy", "item", "_local_scalar_dense"))}
+        text = (f"{name}, batch {batch}, {args.steps} steps: wall {wall * 1e3:.1f} ms under the profiler\n"
+                f"syncs/copies: {syncs}\n\n" + events.table(sort_by=sort, row_limit=35, max_name_column_width=60))
+        slug = {PLAIN: "plain", RECORDERS: "recorders", DSDIFF: "dsdiff"}[name]
+        (args.profile / f"profile_{slug}_b{batch}.txt").write_text(text)
+        print(f"  profiled {name}: wall {wall * 1e3:.1f} ms; syncs/copies {syncs}", flush=True)
 
 
 def processor_census(gen) -> dict:
@@ -326,6 +376,10 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--channels-last", action="store_true", help="also measure a channels-last UNet (last batch size)")
     p.add_argument("--compile", action="store_true", help="also measure torch.compile of the UNet (first batch size)")
+    p.add_argument("--decompose", action="store_true", help="also time the plain call with the recorders "
+                   "installed (per-step recording cost without dsdiff's per-batch work)")
+    p.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables of one plain and one "
+                   "dsdiff batch (first batch size) to this folder")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager': a quick logic check)")
     p.add_argument("--probe-batches", type=int, nargs="*", default=[], help="dsdiff alone at these larger batches")
     p.add_argument("--probe-repeats", type=int, default=1, help="timed runs per probe batch")
@@ -364,6 +418,8 @@ def main() -> None:
     for batch in args.batch:
         gen_rows += compare(pipe, gen, args, device, batch, "baseline")
         save()
+    if args.profile:
+        profile_runs(pipe, gen, args, device, args.batch[0])
     if args.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         gen_rows += compare(pipe, gen, args, device, args.batch[-1], "channels-last UNet")
@@ -374,7 +430,7 @@ def main() -> None:
             gen_rows += compare(pipe, gen, args, device, batch, "probe", plain_too=False, repeats=args.probe_repeats)
         except torch.cuda.OutOfMemoryError:
             print(f"  [probe, batch {batch}] out of memory", flush=True)
-            gen_rows.append({"setting": "probe", "batch": batch, "name": "dsdiff (recording + labels)", "oom": True})
+            gen_rows.append({"setting": "probe", "batch": batch, "name": DSDIFF, "oom": True})
             torch.cuda.empty_cache()
             save()
             break

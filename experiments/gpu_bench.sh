@@ -8,6 +8,8 @@
 # Tables, JSON and logs go to $OUT (default /tmp/gpu_bench_out). Wheels the GPU image lacks
 # (diffusers, segmentation-models-pytorch, hydra-core, omegaconf, antlr4) are carried in .whl/.
 #   run: bash experiments/gpu_bench.sh      (carry: [".whl"])
+#   ONLY=recording bash experiments/gpu_bench.sh: only bench_generation at batch 1 and 8 with the
+#   "plain + recorders" row and torch.profiler tables (about 90 s)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_bench_out}
@@ -34,6 +36,15 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', 
 
 GEN=(experiments/bench_generation.py --arch sd21 --device "$DEVICE")
 [ "$DEVICE" = cuda ] && GEN+=(--dtype fp16) || GEN+=(--image-size 128 --sizes 256)   # (CPU: a logic check only)
+
+if [ "${ONLY:-}" = recording ]; then  # a short re-measure: where the recording's extra time goes
+  echo "== bench_generation: plain vs plain + recorders vs dsdiff, with profiles (left $(left) s)"
+  timeout $(( $(left) > 150 ? 150 : $(left) )) $PY "${GEN[@]}" --batch 1 8 --steps "${STEPS:-20}" --repeats 3 --decompose \
+    --profile "$OUT/profile" --sizes 1024 --out "$OUT/bench_generation_recording.md" --json "$OUT/bench_generation_recording.json" \
+    2>&1 | grep --line-buffered -v "should be kept in float32" | tee "$OUT/bench_generation_recording.log"
+  echo "== done in $((SECONDS - start)) s (exit ${PIPESTATUS[0]})"
+  exit 0
+fi
 
 echo "== 1. bench_generation (left $(left) s)"
 timeout $(( $(left) > 200 ? 200 : $(left) )) $PY "${GEN[@]}" --batch 1 8 --steps "${STEPS:-20}" --repeats 3 \

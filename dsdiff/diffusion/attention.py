@@ -50,6 +50,7 @@ class AttentionStore:
         self.self_sum: torch.Tensor | None = None
         self.cross_count = 0
         self.self_count = 0
+        self.version = 0  # bumped by reset(): recorders cache the class prompt's keys per version
 
     def reset(self, class_embeds: torch.Tensor | None, batch_size: int | None = None) -> None:
         """Start a batch: class-prompt embeddings (B, L, D) from the text encoder, or None to
@@ -59,10 +60,13 @@ class AttentionStore:
         self.cross_sum = self.self_sum = None
         self.cross_count = self.self_count = 0
         self.recording = True
+        self.version += 1
 
     def clear(self) -> None:
         """Drop the sums and embeddings (between batches)."""
+        version = getattr(self, "version", 0)
         self.__init__()
+        self.version = version + 1
 
     def add(self, kind: str, probs: torch.Tensor) -> None:
         attr = f"{kind}_sum"
@@ -95,8 +99,9 @@ def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> to
     b, h, n, _ = query.shape
     per_sample = h * n * key.shape[2] * 4
     step = max(1, min(b, CHUNK_BYTES // max(per_sample, 1)))
+    # scaling Q (N x d) rather than the scores (N x L) is one small kernel instead of a large one
     return torch.cat([
-        torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).mean(1)
+        torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1).mean(1)
         for q, k in zip(query.split(step), key.split(step))
     ])
 
@@ -113,6 +118,7 @@ class RecordingAttnProcessor:
         if kind not in ("self", "cross"):
             raise ValueError(f"kind must be 'self' or 'cross', got {kind!r}")
         self.store, self.kind, self.hw, self.name = store, kind, tuple(hw), name
+        self._class_keys: tuple[int, torch.Tensor] | None = None  # (store.version, keys): same every step
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -179,13 +185,21 @@ class RecordingAttnProcessor:
         if self.store.class_embeds is None:  # the prompt's own tokens (ablation of the class prompt)
             self.store.add("cross", _head_mean_probs(q_cond, key[-b:], attn.scale))
             return
+        self.store.add("cross", _head_mean_probs(q_cond, self._class_key(attn, query), attn.scale))
+
+    def _class_key(self, attn, query: torch.Tensor) -> torch.Tensor:
+        """The class prompt's keys (B, H, L, d): computed on a batch's first step, reused on the others."""
+        cached = self._class_keys
+        if cached is not None and cached[0] == self.store.version and cached[1].dtype == query.dtype:
+            return cached[1]
         embeds = self.store.class_embeds.to(device=query.device, dtype=query.dtype)
         if attn.norm_cross:
             embeds = attn.norm_encoder_hidden_states(embeds)
-        k_cls = attn.to_k(embeds).view(b, -1, attn.heads, query.shape[-1]).transpose(1, 2)
+        k_cls = attn.to_k(embeds).view(self.store.batch_size, -1, attn.heads, query.shape[-1]).transpose(1, 2)
         if attn.norm_k is not None:
             k_cls = attn.norm_k(k_cls)
-        self.store.add("cross", _head_mean_probs(q_cond, k_cls, attn.scale))
+        self._class_keys = (self.store.version, k_cls)
+        return k_cls
 
 
 def recording_processors(
