@@ -35,6 +35,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
 from dsdiff.data.classes import VOC_CLASSES  # noqa: E402
 from dsdiff.diffusion import SyntheticGenerator, attention_to_labels  # noqa: E402
+from dsdiff.diffusion import attention  # noqa: E402
 from dsdiff.diffusion.attention import RecordingAttnProcessor  # noqa: E402
 from dsdiff.diffusion.masks import labels_from_maps, minmax_normalise, refine, upsample  # noqa: E402
 from dsdiff.diffusion.testing import build_sd_shaped_pipeline  # noqa: E402
@@ -153,6 +154,7 @@ def sync(device) -> None:
 
 
 PLAIN, RECORDERS, DSDIFF = "plain diffusers", "plain + recorders (no labels)", "dsdiff (recording + labels)"
+DSDIFF_FP32 = "dsdiff, fp32 scores"
 
 
 def runners(pipe, gen, args, device, batch: int) -> dict:
@@ -185,7 +187,31 @@ def runners(pipe, gen, args, device, batch: int) -> dict:
         pipe.unet.set_attn_processor(dict(recorders))
         gen(prompts, seeds)
 
-    return {PLAIN: plain, RECORDERS: recorders_only, DSDIFF: dsdiff}
+    def dsdiff_fp32():  # attention.FP16_SCORES off: Q K^T in fp32 (only differs for fp16 pipelines)
+        attention.FP16_SCORES = False
+        try:
+            dsdiff()
+        finally:
+            attention.FP16_SCORES = True
+
+    runs = {PLAIN: plain, RECORDERS: recorders_only, DSDIFF: dsdiff}
+    if pipe.unet.dtype == torch.float16:
+        runs[DSDIFF_FP32] = dsdiff_fp32
+    return runs
+
+
+def score_precision(pipe, gen, batch: int) -> dict:
+    """Recorded maps and labels with fp16 Q K^T vs fp32, same prompts and seeds (fp16 pipelines)."""
+    prompts, seeds = [PROMPTS[i % len(PROMPTS)] for i in range(batch)], list(range(batch))
+    out = {}
+    for fp16 in (True, False):
+        attention.FP16_SCORES = fp16
+        out[fp16] = gen(prompts, seeds, return_attention=True)
+    attention.FP16_SCORES = True
+    diff = {kind: max(float(abs(a.attention[kind] - b.attention[kind]).max()) for a, b in zip(out[True], out[False]))
+            for kind in ("cross", "self")}
+    agree = sum(float((a.label == b.label).mean()) for a, b in zip(out[True], out[False])) / batch
+    return {"max_abs_diff_cross": diff["cross"], "max_abs_diff_self": diff["self"], "label_agreement": agree}
 
 
 def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = True, repeats: int | None = None,
@@ -194,6 +220,7 @@ def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = T
     runs = runners(pipe, gen, args, device, batch)
     if not args.decompose:
         runs.pop(RECORDERS)
+        runs.pop(DSDIFF_FP32, None)
     if not plain_too:
         runs = {DSDIFF: runs[DSDIFF]}
     times = {k: [] for k in runs}
@@ -252,7 +279,7 @@ def profile_runs(pipe, gen, args, device, batch: int) -> None:
         syncs = {e.key: e.count for e in events if any(w in e.key for w in ("Synchronize", "Memcpy", "item", "_local_scalar_dense"))}
         text = (f"{name}, batch {batch}, {args.steps} steps: wall {wall * 1e3:.1f} ms under the profiler\n"
                 f"syncs/copies: {syncs}\n\n" + events.table(sort_by=sort, row_limit=35, max_name_column_width=60))
-        slug = {PLAIN: "plain", RECORDERS: "recorders", DSDIFF: "dsdiff"}[name]
+        slug = {PLAIN: "plain", RECORDERS: "recorders", DSDIFF: "dsdiff", DSDIFF_FP32: "dsdiff_fp32"}[name]
         (args.profile / f"profile_{slug}_b{batch}.txt").write_text(text)
         print(f"  profiled {name}: wall {wall * 1e3:.1f} ms; syncs/copies {syncs}", flush=True)
 
@@ -327,6 +354,10 @@ def render(args, device, dtype, gen_rows, ref_rows, census) -> str:
         f"- recording: {census['recording']} of {census['total']} attention layers record (cross-attention at {census['cross_res']}² "
         f"over the class prompt's keys and self-attention at {census['self_res']}², conditional half only); the other {census['sdpa']} keep SDPA (AttnProcessor2_0)",
         f"- memory: {mem_kind}; 'above start' = peak minus the level when the call began (activations, no weights)",
+        *([f"- fp16 vs fp32 Q K^T in the recorders (batch of {args.batch[-1]}, same seeds): max abs difference of the mean maps "
+           f"{census['fp16_vs_fp32_scores']['max_abs_diff_cross']:.2e} (cross), {census['fp16_vs_fp32_scores']['max_abs_diff_self']:.2e} "
+           f"(self); labels equal on {100 * census['fp16_vs_fp32_scores']['label_agreement']:.3f}% of pixels"]
+          if "fp16_vs_fp32_scores" in census else []),
         "",
         "| setting | batch | pipeline | images/s | ms / step / image | time vs plain | peak MiB | peak vs plain | above start MiB | above start vs plain |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -417,6 +448,10 @@ def main() -> None:
 
     for batch in args.batch:
         gen_rows += compare(pipe, gen, args, device, batch, "baseline")
+        save()
+    if args.decompose and dtype == torch.float16:
+        census["fp16_vs_fp32_scores"] = score_precision(pipe, gen, args.batch[-1])
+        print(f"  fp16 vs fp32 scores: {census['fp16_vs_fp32_scores']}", flush=True)
         save()
     if args.profile:
         profile_runs(pipe, gen, args, device, args.batch[0])

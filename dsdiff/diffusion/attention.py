@@ -89,6 +89,17 @@ class AttentionStore:
 # self-attention (10 heads, N = 1024) that is one sample at a time, at 16x16 cross-attention
 # over 77 class-prompt tokens a whole batch of 8 in one product (fewer kernel launches).
 CHUNK_BYTES = 64 * 2**20
+# fp16 Q and K: Q K^T on the tensor cores in fp16 (fp32 accumulation), softmax in fp32, as the
+# UNet's own attention computes it; False: both in fp32. bf16 always goes through fp32 (its 8-bit
+# mantissa would round the scores ~8x more coarsely). experiments/results/bench_generation.md has both.
+FP16_SCORES = True
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    if FP16_SCORES and q.dtype == torch.float16:
+        return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1, dtype=torch.float32).mean(1)
+    # scaling Q (N x d) rather than the scores (N x L) is one small kernel instead of a large one
+    return torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1).mean(1)
 
 
 def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
@@ -99,11 +110,7 @@ def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> to
     b, h, n, _ = query.shape
     per_sample = h * n * key.shape[2] * 4
     step = max(1, min(b, CHUNK_BYTES // max(per_sample, 1)))
-    # scaling Q (N x d) rather than the scores (N x L) is one small kernel instead of a large one
-    return torch.cat([
-        torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1).mean(1)
-        for q, k in zip(query.split(step), key.split(step))
-    ])
+    return torch.cat([_probs(q, k, scale) for q, k in zip(query.split(step), key.split(step))])
 
 
 class RecordingAttnProcessor:
