@@ -154,7 +154,7 @@ def sync(device) -> None:
 
 
 PLAIN, RECORDERS, DSDIFF = "plain diffusers", "plain + recorders (no labels)", "dsdiff (recording + labels)"
-DSDIFF_FP32 = "dsdiff, fp32 scores"
+DSDIFF_FP16 = "dsdiff, fp16 scores"
 
 
 def runners(pipe, gen, args, device, batch: int) -> dict:
@@ -187,27 +187,27 @@ def runners(pipe, gen, args, device, batch: int) -> dict:
         pipe.unet.set_attn_processor(dict(recorders))
         gen(prompts, seeds)
 
-    def dsdiff_fp32():  # attention.FP16_SCORES off: Q K^T in fp32 (only differs for fp16 pipelines)
-        attention.FP16_SCORES = False
+    def dsdiff_fp16():  # attention.FP16_SCORES on: Q K^T in fp16 (only differs for fp16 pipelines)
+        default, attention.FP16_SCORES = attention.FP16_SCORES, True
         try:
             dsdiff()
         finally:
-            attention.FP16_SCORES = True
+            attention.FP16_SCORES = default
 
     runs = {PLAIN: plain, RECORDERS: recorders_only, DSDIFF: dsdiff}
     if pipe.unet.dtype == torch.float16:
-        runs[DSDIFF_FP32] = dsdiff_fp32
+        runs[DSDIFF_FP16] = dsdiff_fp16
     return runs
 
 
 def score_precision(pipe, gen, batch: int) -> dict:
     """Recorded maps and labels with fp16 Q K^T vs fp32, same prompts and seeds (fp16 pipelines)."""
     prompts, seeds = [PROMPTS[i % len(PROMPTS)] for i in range(batch)], list(range(batch))
-    out = {}
+    out, default = {}, attention.FP16_SCORES
     for fp16 in (True, False):
         attention.FP16_SCORES = fp16
         out[fp16] = gen(prompts, seeds, return_attention=True)
-    attention.FP16_SCORES = True
+    attention.FP16_SCORES = default
     diff = {kind: max(float(abs(a.attention[kind] - b.attention[kind]).max()) for a, b in zip(out[True], out[False]))
             for kind in ("cross", "self")}
     agree = sum(float((a.label == b.label).mean()) for a, b in zip(out[True], out[False])) / batch
@@ -220,7 +220,7 @@ def compare(pipe, gen, args, device, batch: int, label: str, plain_too: bool = T
     runs = runners(pipe, gen, args, device, batch)
     if not args.decompose:
         runs.pop(RECORDERS)
-        runs.pop(DSDIFF_FP32, None)
+        runs.pop(DSDIFF_FP16, None)
     if not plain_too:
         runs = {DSDIFF: runs[DSDIFF]}
     times = {k: [] for k in runs}
@@ -279,7 +279,7 @@ def profile_runs(pipe, gen, args, device, batch: int) -> None:
         syncs = {e.key: e.count for e in events if any(w in e.key for w in ("Synchronize", "Memcpy", "item", "_local_scalar_dense"))}
         text = (f"{name}, batch {batch}, {args.steps} steps: wall {wall * 1e3:.1f} ms under the profiler\n"
                 f"syncs/copies: {syncs}\n\n" + events.table(sort_by=sort, row_limit=35, max_name_column_width=60))
-        slug = {PLAIN: "plain", RECORDERS: "recorders", DSDIFF: "dsdiff", DSDIFF_FP32: "dsdiff_fp32"}[name]
+        slug = {PLAIN: "plain", RECORDERS: "recorders", DSDIFF: "dsdiff", DSDIFF_FP16: "dsdiff_fp16"}[name]
         (args.profile / f"profile_{slug}_b{batch}.txt").write_text(text)
         print(f"  profiled {name}: wall {wall * 1e3:.1f} ms; syncs/copies {syncs}", flush=True)
 

@@ -21,7 +21,8 @@ RESULTS = Path(__file__).parent / "results" / "bench_train.md"
 LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^]]*\]\[INFO\] - (.*)$")
 STAGE = re.compile(r"^stage (\w+): ")
 END = "metrics written to"
-NAMES = {"generate": "generate images + labels", "train": "train (with validation)", "test": "test (plain + TTA)"}
+NAMES = {"generate": "generate images + labels", "train": "train (with validation)", "pseudo_1": "pseudo-label the synthetic set",
+         "selftrain_1": "self-training (with validation)", "test": "test (plain + TTA)"}
 
 
 def stage_times(log: Path) -> tuple[dict[str, float], float]:

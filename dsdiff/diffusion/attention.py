@@ -89,10 +89,10 @@ class AttentionStore:
 # self-attention (10 heads, N = 1024) that is one sample at a time, at 16x16 cross-attention
 # over 77 class-prompt tokens a whole batch of 8 in one product (fewer kernel launches).
 CHUNK_BYTES = 64 * 2**20
-# fp16 Q and K: Q K^T on the tensor cores in fp16 (fp32 accumulation), softmax in fp32, as the
-# UNet's own attention computes it; False: both in fp32. bf16 always goes through fp32 (its 8-bit
-# mantissa would round the scores ~8x more coarsely). experiments/results/bench_generation.md has both.
-FP16_SCORES = True
+# True: for fp16 Q and K, Q K^T in fp16 on the tensor cores (fp32 accumulation), softmax in fp32.
+# Off: on an H200 (SD 2.1 layout, batch 8) it was slower than fp32 scores (1.40x vs 1.16x of plain
+# diffusers) and changed 0.9% of label pixels (experiments/results/bench_generation.md).
+FP16_SCORES = False
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
