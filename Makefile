@@ -29,6 +29,7 @@ test-full: $(STAMP)  ## every test, slow ones included
 
 bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/results/)
 	$(BIN)/python experiments/bench_generation.py
+	$(BIN)/python experiments/bench_train.py
 	$(BIN)/python experiments/bench_data.py
 
 pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model into dsdiff/assets/shapes_t2i (CPU, resumable)

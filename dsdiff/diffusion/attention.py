@@ -50,6 +50,7 @@ class AttentionStore:
         self.self_sum: torch.Tensor | None = None
         self.cross_count = 0
         self.self_count = 0
+        self.version = 0  # bumped by reset(): recorders cache the class prompt's keys per version
 
     def reset(self, class_embeds: torch.Tensor | None, batch_size: int | None = None) -> None:
         """Start a batch: class-prompt embeddings (B, L, D) from the text encoder, or None to
@@ -59,10 +60,13 @@ class AttentionStore:
         self.cross_sum = self.self_sum = None
         self.cross_count = self.self_count = 0
         self.recording = True
+        self.version += 1
 
     def clear(self) -> None:
         """Drop the sums and embeddings (between batches)."""
+        version = getattr(self, "version", 0)
         self.__init__()
+        self.version = version + 1
 
     def add(self, kind: str, probs: torch.Tensor) -> None:
         attr = f"{kind}_sum"
@@ -81,14 +85,32 @@ class AttentionStore:
         return sum(t.numel() * t.element_size() for t in (self.cross_sum, self.self_sum) if t is not None)
 
 
+# Transient fp32 scores of one chunk of samples are kept under this many bytes: at SD's 32x32
+# self-attention (10 heads, N = 1024) that is one sample at a time, at 16x16 cross-attention
+# over 77 class-prompt tokens a whole batch of 8 in one product (fewer kernel launches).
+CHUNK_BYTES = 64 * 2**20
+# True: for fp16 Q and K, Q K^T in fp16 on the tensor cores (fp32 accumulation), softmax in fp32.
+# Off: on an H200 (SD 2.1 layout, batch 8) it was slower than fp32 scores (1.40x vs 1.16x of plain
+# diffusers) and changed 0.9% of label pixels (experiments/results/bench_generation.md).
+FP16_SCORES = False
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    if FP16_SCORES and q.dtype == torch.float16:
+        return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1, dtype=torch.float32).mean(1)
+    # scaling Q (N x d) rather than the scores (N x L) is one small kernel instead of a large one
+    return torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1).mean(1)
+
+
 def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(Q K^T * scale) in fp32, averaged over heads: (B, H, N, d) x (B, H, L, d) -> (B, N, L).
 
-    One sample at a time, so the transient (H, N, L) scores stay small.
+    Samples go in chunks whose (b, H, N, L) scores fit ``CHUNK_BYTES``, so the transient stays small.
     """
-    return torch.stack(
-        [torch.softmax((q.float() @ k.float().transpose(-1, -2)) * scale, dim=-1).mean(0) for q, k in zip(query, key)]
-    )
+    b, h, n, _ = query.shape
+    per_sample = h * n * key.shape[2] * 4
+    step = max(1, min(b, CHUNK_BYTES // max(per_sample, 1)))
+    return torch.cat([_probs(q, k, scale) for q, k in zip(query.split(step), key.split(step))])
 
 
 class RecordingAttnProcessor:
@@ -103,6 +125,7 @@ class RecordingAttnProcessor:
         if kind not in ("self", "cross"):
             raise ValueError(f"kind must be 'self' or 'cross', got {kind!r}")
         self.store, self.kind, self.hw, self.name = store, kind, tuple(hw), name
+        self._class_keys: tuple[int, torch.Tensor] | None = None  # (store.version, keys): same every step
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -152,6 +175,7 @@ class RecordingAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    @torch.compiler.disable  # python-side sums and counts: run eagerly inside a compiled UNet
     def _record(self, attn, query: torch.Tensor, key: torch.Tensor) -> None:
         b, n = self.store.batch_size, query.shape[2]
         if n != self.hw[0] * self.hw[1]:
@@ -168,13 +192,21 @@ class RecordingAttnProcessor:
         if self.store.class_embeds is None:  # the prompt's own tokens (ablation of the class prompt)
             self.store.add("cross", _head_mean_probs(q_cond, key[-b:], attn.scale))
             return
+        self.store.add("cross", _head_mean_probs(q_cond, self._class_key(attn, query), attn.scale))
+
+    def _class_key(self, attn, query: torch.Tensor) -> torch.Tensor:
+        """The class prompt's keys (B, H, L, d): computed on a batch's first step, reused on the others."""
+        cached = self._class_keys
+        if cached is not None and cached[0] == self.store.version and cached[1].dtype == query.dtype:
+            return cached[1]
         embeds = self.store.class_embeds.to(device=query.device, dtype=query.dtype)
         if attn.norm_cross:
             embeds = attn.norm_encoder_hidden_states(embeds)
-        k_cls = attn.to_k(embeds).view(b, -1, attn.heads, query.shape[-1]).transpose(1, 2)
+        k_cls = attn.to_k(embeds).view(self.store.batch_size, -1, attn.heads, query.shape[-1]).transpose(1, 2)
         if attn.norm_k is not None:
             k_cls = attn.norm_k(k_cls)
-        self.store.add("cross", _head_mean_probs(q_cond, k_cls, attn.scale))
+        self._class_keys = (self.store.version, k_cls)
+        return k_cls
 
 
 def recording_processors(

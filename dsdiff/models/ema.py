@@ -23,9 +23,29 @@ def ema_avg_fn(decay: float, warmup: bool = True) -> Callable[[torch.Tensor, tor
     return avg_fn
 
 
+def ema_multi_avg_fn(decay: float, warmup: bool = True) -> Callable[[list, list, torch.Tensor], None]:
+    """``ema_avg_fn`` for whole lists of tensors in a few foreach kernels (one per device and dtype)
+    instead of a few kernels per tensor; integer buffers (BN's step counts) take the current value."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+
+    def multi_avg_fn(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
+        d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay) if warmup else torch.tensor(decay)
+        weight = (1 - d).to(device=averaged[0].device, dtype=averaged[0].dtype)
+        try:
+            torch._foreach_lerp_(averaged, current, weight)
+        except (RuntimeError, TypeError):  # torch without the tensor-weight overload
+            torch._foreach_lerp_(averaged, current, float(weight))
+
+    return multi_avg_fn
+
+
 class EMAWeights(WeightAveraging):
     """Keeps an EMA of the weights, updated every optimizer step; validation and checkpoints use it."""
 
     def __init__(self, decay: float = 0.999, warmup: bool = True, use_buffers: bool = True):
-        super().__init__(use_buffers=use_buffers, avg_fn=ema_avg_fn(decay, warmup))
+        super().__init__(use_buffers=use_buffers, multi_avg_fn=ema_multi_avg_fn(decay, warmup))
         self.decay = decay
