@@ -1,6 +1,6 @@
 """A synthetic folder as a Hugging Face ``datasets`` dataset (``synthetic.export=hf``).
 
-``<dir>/hf`` holds ``data/train-XXXXX-of-YYYYY.parquet`` shards with the columns ``id``,
+``<dir>/hf`` holds ``data/train-<digest>-XXXXX-of-YYYYY.parquet`` shards with the columns ``id``,
 ``image`` and ``label`` (``Image`` features: the stored PNG/JPEG bytes, the label map a palette
 PNG of class indices, 255 uncertain), ``prompt``, ``class_ids`` and ``seed``, and a dataset
 card ``README.md`` naming the generator settings from ``dataset.json``. Load it with
@@ -8,6 +8,7 @@ card ``README.md`` naming the generator settings from ``dataset.json``. Load it 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -29,7 +30,7 @@ def _features():
     })
 
 
-def dataset_card(config: dict, count: int) -> str:
+def dataset_card(config: dict, count: int, pattern: str = "data/train-*.parquet") -> str:
     """README.md with the ``datasets`` YAML header (data files, features) and the generator settings."""
     names = config.get("class_names") or []
     settings = json.dumps(config.get("generator", {}), indent=2, sort_keys=True)
@@ -38,7 +39,7 @@ configs:
 - config_name: default
   data_files:
   - split: train
-    path: data/train-*.parquet
+    path: {pattern}
 task_categories:
 - image-segmentation
 tags:
@@ -86,6 +87,9 @@ def export_hf(root: str | Path, out: str | Path | None = None, rows_per_shard: i
     (tmp / "data").mkdir(parents=True)
     features = _features()
     shards = max(1, -(-len(entries) // rows_per_shard))
+    # `datasets` caches a local folder under a key made from its card's file pattern, not the files'
+    # content: a digest of the content in the shard names keeps a re-export from loading a stale cache
+    digest = hashlib.sha256()
     for k in range(shards):
         rows = entries[k * rows_per_shard:(k + 1) * rows_per_shard]
         table = {
@@ -96,8 +100,13 @@ def export_hf(root: str | Path, out: str | Path | None = None, rows_per_shard: i
             "class_ids": [list(e.get("class_ids", [])) for e in rows],
             "seed": [int(e.get("seed", -1)) for e in rows],
         }
-        Dataset.from_dict(table, features=features).to_parquet(str(tmp / "data" / f"train-{k:05d}-of-{shards:05d}.parquet"))
-    (tmp / "README.md").write_text(dataset_card(config, len(entries)), encoding="utf-8")
+        shard = tmp / "data" / f"train-{k:05d}-of-{shards:05d}.parquet"
+        Dataset.from_dict(table, features=features).to_parquet(str(shard))
+        digest.update(shard.read_bytes())
+    tag = digest.hexdigest()[:12]
+    for shard in sorted((tmp / "data").glob("train-*.parquet")):
+        shard.rename(shard.with_name(f"train-{tag}-{shard.name.removeprefix('train-')}"))
+    (tmp / "README.md").write_text(dataset_card(config, len(entries), f"data/train-{tag}-*.parquet"), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
