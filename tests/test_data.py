@@ -7,7 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dsdiff.data import coco as coco_module
 from dsdiff.data.classes import COCO_ID_TO_TRAIN_ID, IGNORE_INDEX, SHAPES_CLASSES, get_class_list
 from dsdiff.data.coco import COCOSegmentation
 from dsdiff.data.shapes import ShapesDataset, shape_region

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdiff.evaluate import evaluate
 from dsdiff.train import train
 
 # the fixture's 64x64 images at scale factor 1 (the keep-ratio path, without 512x512 CPU inference)
