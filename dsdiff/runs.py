@@ -42,7 +42,8 @@ NEUTRAL = (
     "trainer.default_root_dir", "trainer.profiler",
     "callbacks.*.dirpath", "callbacks.progress_bar", "callbacks.progress_bar.*", "callbacks.lr_monitor",
     "callbacks.lr_monitor.*", "callbacks.val_panel", "callbacks.val_panel.*",
-    "data.num_workers", "data.pin_memory", "selftrain.batch_size", "generator.batch_size",
+    # not generator.batch_size: samples are made in aligned groups of it, so it changes the synthetic set
+    "data.num_workers", "data.pin_memory", "selftrain.batch_size",
     "synthetic.overwrite", "synthetic.export", "synthetic.grid_size", "synthetic.save_attention",
 )
 
