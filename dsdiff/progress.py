@@ -60,12 +60,13 @@ class LogProgress(ProgressBar):
         by_percent = max(1, math.ceil((total or 0) * self.percent / 100)) if total else 10 ** 9
         return min(by_percent, self.refresh_rate) if self.refresh_rate else by_percent
 
-    def _tick(self, name: str, done: int, total: int | None, unit: str, extra: str = "") -> None:
+    def _tick(self, name: str, done: int, total: int | None, unit: str, extra=lambda: "") -> None:
+        """Log a line when due; ``extra()`` (e.g. the loss, which syncs with the device) runs only then."""
         if not self._enabled or self.trainer is None or not self.trainer.is_global_zero:
             return
         if done >= self._next or (total and done >= total):
             self._next = done + self._step(total)
-            log.info("%s%s", format_progress(name, done, total, time.monotonic() - self._start, unit, self._since), extra)
+            log.info("%s%s", format_progress(name, done, total, time.monotonic() - self._start, unit, self._since), extra())
 
     # -- training ---------------------------------------------------------------------------------
     def _train_total(self, trainer) -> int | None:
@@ -80,8 +81,10 @@ class LogProgress(ProgressBar):
         self._begin(trainer.global_step, self._train_total(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        extra = "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in metrics.items())
+        def extra() -> str:
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+            return "".join(f", {k} {v:.4g}" if isinstance(v, float) else f", {k} {v}" for k, v in metrics.items())
+
         self._tick(self.name or "train", trainer.global_step, self._train_total(trainer), "steps", extra)
 
     # -- prediction (generation, pseudo-labels) ---------------------------------------------------

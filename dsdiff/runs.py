@@ -233,6 +233,17 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def fitted_stages(stages: Stages) -> list[str]:
+    """The finished training stages in the order they ran: ``train``, ``selftrain_1``, ..."""
+    return [name for name in stages.finished() if name == "train" or name.startswith("selftrain_")]
+
+
+def final_checkpoint(stages: Stages) -> str | None:
+    """The checkpoint of the chain's last finished training stage (its final weights), if any."""
+    fitted = fitted_stages(stages)
+    return (stages.get(fitted[-1]) or {}).get("checkpoint") if fitted else None
+
+
 def merge_metrics(work: Path, stages: Stages, new: Mapping[str, Any]) -> dict[str, Any]:
     """This invocation's metrics over the earlier ones of the chain (its metrics.json and finished stages)."""
     merged: dict[str, Any] = {}
@@ -242,11 +253,11 @@ def merge_metrics(work: Path, stages: Stages, new: Mapping[str, Any]) -> dict[st
             merged.update(json.loads(path.read_text()))
         except ValueError:
             log.warning("ignoring unreadable %s", path)
-    for name in stages.finished():
-        metrics = (stages.get(name) or {}).get("metrics") or {}
-        if name in ("train", "test"):
-            merged.update(metrics)
-        elif name.startswith("selftrain_"):
-            merged.update({f"{name}/{k}": v for k, v in metrics.items()})
+    fitted = fitted_stages(stages)
+    for name in fitted:  # every fitted stage's metrics under its name
+        merged.update({f"{name}/{k}": v for k, v in ((stages.get(name) or {}).get("metrics") or {}).items()})
+    if fitted:  # the final stage's also plain: tune/mIoU is the sweep objective
+        merged.update((stages.get(fitted[-1]) or {}).get("metrics") or {})
+    merged.update((stages.get("test") or {}).get("metrics") or {})
     merged.update(new)
     return merged

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, open_dict
 from dsdiff.config import config_dir
 from dsdiff.data.synthetic import SyntheticDataset
 from dsdiff.models.checkpoint import LastCheckpoint
-from dsdiff.runs import STAGES_FILE, Stages, merge_metrics, open_run  # noqa: F401 (STAGES_FILE: kept importable from here)
+from dsdiff.runs import Stages, final_checkpoint, merge_metrics, open_run
 from dsdiff.runtime import (
     finish_loggers,
     instantiate_callbacks,
@@ -68,7 +68,7 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.get("train") and cfg.get("test") and not cfg.get("ckpt_path") and not cfg.get("resume"):
         raise ValueError("train=false test=true would test an untrained network: pass ckpt_path=<a checkpoint> "
                          "(e.g. <run dir>/checkpoints/last.ckpt), or resume=<run dir>")
-    if int(cfg.data.get("batch_size", 2)) < 2:
+    if cfg.get("train") and int(cfg.data.get("batch_size", 2)) < 2:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: the segmenter's BatchNorm layers need at least 2 "
                          "images per training batch; use data.batch_size=2 or more")
     selftrain = cfg.get("selftrain") or {}
@@ -118,7 +118,7 @@ def fit_stage(cfg: DictConfig, name: str, root: Path, work: Path, train_factory=
                 logger.log_image(key=key, images=[str(path)])
     trainer = _trainer(cfg, root, loggers)
     last = root / "checkpoints" / "last.ckpt"
-    ckpt_path = ckpt_path or (str(last) if last.is_file() else None)
+    ckpt_path = str(last) if last.is_file() else ckpt_path  # the stage's own progress wins over a given start
     if ckpt_path:
         log.info("stage %s: resuming training from %s", name, ckpt_path)
     log.info("stage %s: training; checkpoints go to %s", name, root / "checkpoints")
@@ -150,7 +150,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         on_the_fly_prompts(cfg)
 
     checkpoint = (stages.get("train") or {}).get("checkpoint")
-    fitted = ["train"] if cfg.get("train") else []
     if cfg.get("train") and not stages.get("train"):
         grid = {"synthetic/samples": Path(cfg.synthetic.dir) / "grid.png"} if synthetic else None
         info, model, datamodule, trainer, loggers = fit_stage(cfg, "train", work, work, ckpt_path=cfg.get("ckpt_path"), images=grid)
@@ -171,7 +170,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             stages.mark(f"pseudo_{r}", summary)
         source = pseudo_dir
         name = f"selftrain_{r}"
-        fitted.append(name)
         if stages.get(name):
             checkpoint = stages.get(name)["checkpoint"]
             log.info("stage %s: done in an earlier run (%s)", name, checkpoint)
@@ -182,14 +180,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         checkpoint = info["checkpoint"]
         stages.mark(name, info)
 
-    # every fitted stage's metrics under its name; the final stage's also plain (tune/mIoU: the sweep objective)
-    for name in fitted:
-        metrics.update({f"{name}/{k}": v for k, v in (stages.get(name) or {}).get("metrics", {}).items()})
-    if fitted:
-        metrics.update((stages.get(fitted[-1]) or {}).get("metrics", {}))
-
     if cfg.get("test"):
-        ckpt = checkpoint if cfg.get("train") else cfg.get("ckpt_path")
+        ckpt = checkpoint if cfg.get("train") else (cfg.get("ckpt_path") or final_checkpoint(stages))
         if trainer is None or model is None:
             finish_loggers(loggers)
             loggers = instantiate_loggers(cfg.get("logger"), work, stage="test" if synthetic else None)

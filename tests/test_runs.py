@@ -244,3 +244,14 @@ def test_chain_killed_in_generate_is_resumed_not_an_older_run(voc_root, tmp_path
     assert {"generate", "train", "test"} <= set(done) and done["generate"]["num_images"] == 40
     assert (runs / "older" / STAGES_FILE).read_text() == older
     assert json.loads((killed / "metrics.json").read_text())["ckpt_path"].startswith(str(killed))
+
+
+def test_test_only_resume_tests_the_chains_final_weights_and_keeps_its_objective(make_cfg, voc_root, tmp_path):
+    """train=false resume=DIR once tested an untrained network, and put the train stage's tune/mIoU back."""
+    train(_cfg(make_cfg, tmp_path, voc_root, "a", "test=false"))
+    run = _runs(tmp_path) / "a"
+    tune = json.loads((run / "metrics.json").read_text())["tune/mIoU"]
+    metrics, _ = train(_cfg(make_cfg, tmp_path, voc_root, "b", "train=false", f"resume={run}"))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["ckpt_path"] == str(run / "checkpoints" / "last.ckpt") == metrics["ckpt_path"]
+    assert 0 <= saved["test/mIoU"] <= 1 and saved["tune/mIoU"] == pytest.approx(tune) == saved["train/tune/mIoU"]
