@@ -268,7 +268,9 @@ def _predict(cfg, store, config, records, class_names, pending, num_images, batc
         grid_size=synthetic.get("grid_size", 8), class_names=class_names,
     )
     module = GenerationModule(cfg.generator, class_names, return_attention=False)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer, LogProgress(name="generation")], logger=loggers or False)
+    # Lightning refuses a progress-bar callback when the trainer config turns progress bars off
+    progress = [LogProgress(name="generation")] if cfg.trainer.get("enable_progress_bar", True) else []
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[writer, *progress], logger=loggers or False)
     log.info("generating into %s (%d images, %d prompt records)", store.root, num_images, len(records))
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     return writer.grid_path, trainer.is_global_zero

@@ -153,7 +153,8 @@ class PseudoLabelWriter(BasePredictionWriter):
 
 def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Path, make_trainer, *,
                  mode: str = "replace", threshold: float = 0.9, tta: bool = False, checkpoint: str | None = None,
-                 batch_size: int = 8, num_workers: int = 0, max_samples: int | None = None) -> dict[str, Any]:
+                 batch_size: int = 8, num_workers: int = 0, max_samples: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Write pseudo-labels for samples ``0..max_samples-1`` of ``source`` (all with None) into ``out``, resuming.
 
     ``make_trainer(callbacks)`` builds the Lightning Trainer that runs the prediction. The summary
@@ -168,7 +169,7 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
               "checkpoint": checkpoint}
     store = SyntheticStore(out)
     store.check_config(config)
-    trainer = make_trainer([PseudoLabelWriter(store, source), LogProgress(name="pseudo-labels")])
+    trainer = make_trainer([PseudoLabelWriter(store, source), *([LogProgress(name="pseudo-labels")] if progress else [])])
     segmenter.eval()
     data = PseudoLabelData(source, store, config, batch_size, num_workers, max_samples=max_samples)
     trainer.predict(PseudoLabeler(segmenter, mode, threshold, tta), datamodule=data, return_predictions=False)

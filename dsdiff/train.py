@@ -258,7 +258,7 @@ def _pseudo_stage(cfg: DictConfig, checkpoint: str | None, source: Path, out: Pa
 
     return pseudo_label(model, source, out, make_trainer, mode=selftrain.mode, threshold=selftrain.threshold,
                         tta=bool(selftrain.tta), checkpoint=str(checkpoint), batch_size=selftrain.get("batch_size", 8),
-                        max_samples=cfg.synthetic.get("num_images"))
+                        max_samples=cfg.synthetic.get("num_images"), progress=cfg.trainer.get("enable_progress_bar", True))
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

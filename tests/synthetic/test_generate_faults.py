@@ -226,3 +226,9 @@ def test_a_folder_from_before_groups_and_digests_is_adopted_when_nothing_else_di
     assert json.loads(path.read_text()) == legacy  # not adopted by a run that differs
     assert gen_inproc(out, 3)["samples"] == 3
     assert json.loads(path.read_text()) == current
+
+
+def test_generation_with_progress_bars_turned_off(gen_inproc, tmp_path):
+    """trainer.enable_progress_bar=false: Lightning refuses a progress-bar callback, so none is added."""
+    summary = gen_inproc(tmp_path / "syn", 2, "+trainer.enable_progress_bar=false")
+    assert summary["samples"] + summary["dropped"] == 2
