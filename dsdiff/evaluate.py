@@ -16,7 +16,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dsdiff.config import config_dir
-from dsdiff.runtime import finish_loggers, instantiate_loggers, load_weights, to_float_dict, write_json_atomic
+from dsdiff.io import write_json_atomic
+from dsdiff.runtime import finish_loggers, instantiate_loggers, load_weights, to_float_dict
 
 log = logging.getLogger("dsdiff")
 RUN_CONFIG = Path(".hydra") / "config.yaml"

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
 from dsdiff.generation import generate
-from dsdiff.runtime import finish_loggers, instantiate_loggers, log_config, write_json_atomic
+from dsdiff.io import write_json_atomic
+from dsdiff.runtime import finish_loggers, instantiate_loggers, log_config
 
 log = logging.getLogger("dsdiff")
 

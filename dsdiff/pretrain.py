@@ -19,13 +19,8 @@ import lightning as L
 from omegaconf import DictConfig
 
 from dsdiff.config import config_dir
-from dsdiff.runtime import (
-    instantiate_callbacks,
-    instantiate_loggers,
-    log_config,
-    to_float_dict,
-    write_json_atomic,
-)
+from dsdiff.io import write_json_atomic
+from dsdiff.runtime import instantiate_callbacks, instantiate_loggers, log_config, to_float_dict
 
 log = logging.getLogger("dsdiff")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.prompts import (DEFAULT_TEMPLATE, PromptRecord, build_records, fit_prompt, image_key, load_captions,
                                      read_jsonl, write_jsonl)
+from dsdiff.io import write_json_atomic
 
 log = logging.getLogger("dsdiff.prompts")
 
@@ -180,7 +181,6 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     partial file renamed to ``<stem>.captions.jsonl`` (a captions file for ``prompts.captions``).
     """
     from dsdiff.captioner import caption_images
-    from dsdiff.runtime import write_text_atomic
 
     p = cfg.get("prompts")
     if p is None or p.get("source", "templates") == "templates":
@@ -204,7 +204,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
         return _wait_for(out)
 
     def mark_started() -> None:
-        write_text_atomic(meta, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(meta, settings)
 
     plan = stage_inputs(settings)
     captions = plan.get("captions")

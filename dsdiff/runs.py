@@ -27,7 +27,8 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dsdiff.runtime import job_config, write_json_atomic
+from dsdiff.io import write_json_atomic
+from dsdiff.runtime import job_config
 
 log = logging.getLogger("dsdiff")
 STAGES_FILE = "stages.json"

@@ -1,8 +1,7 @@
-"""Entry-point plumbing: instantiate callbacks/loggers, log the config, load weights, write files atomically."""
+"""Entry-point plumbing: instantiate callbacks/loggers, log the config, load weights."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -173,21 +172,6 @@ def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
         if isinstance(value, (int, float)):
             out[key] = None if math.isnan(value) else float(value)
     return out
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text through a temp file and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (see :func:`write_text_atomic`)."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:

@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
 from dsdiff.config import config_dir
+from dsdiff.io import write_json_atomic
 from dsdiff.data.synthetic import SyntheticDataset
 from dsdiff.models.checkpoint import LastCheckpoint
 from dsdiff.runs import Stages, final_checkpoint, merge_metrics, open_run
@@ -44,7 +45,6 @@ from dsdiff.runtime import (
     log_config,
     to_float_dict,
     trainer_callbacks,
-    write_json_atomic,
 )
 
 log = logging.getLogger("dsdiff")

@@ -39,7 +39,7 @@ from dsdiff.diffusion import attention  # noqa: E402
 from dsdiff.diffusion.attention import RecordingAttnProcessor  # noqa: E402
 from dsdiff.diffusion.masks import labels_from_maps, minmax_normalise, refine, upsample  # noqa: E402
 from dsdiff.diffusion.testing import build_sd_shaped_pipeline  # noqa: E402
-from dsdiff.runtime import write_json_atomic  # noqa: E402
+from dsdiff.io import write_json_atomic  # noqa: E402
 
 from _results import write_section  # noqa: E402  (experiments/_results.py)
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from dsdiff.data.synthetic import SyntheticStore
+from dsdiff.io import replace_dir
 
 log = logging.getLogger("dsdiff")
 
@@ -107,8 +108,6 @@ def export_hf(root: str | Path, out: str | Path | None = None, rows_per_shard: i
     for shard in sorted((tmp / "data").glob("train-*.parquet")):
         shard.rename(shard.with_name(f"train-{tag}-{shard.name.removeprefix('train-')}"))
     (tmp / "README.md").write_text(dataset_card(config, len(entries), f"data/train-{tag}-*.parquet"), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     log.info("exported %d samples as a Hugging Face dataset at %s (datasets.load_dataset(%r))", len(entries), out, str(out))
     return out

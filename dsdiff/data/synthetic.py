@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from dsdiff.data.classes import IGNORE_INDEX, flat_palette, get_class_list
 from dsdiff.data.voc import read_label_png, read_rgb
-from dsdiff.runtime import write_text_atomic
+from dsdiff.io import atomic_path, link_or_copy_atomic, save_image_atomic, stale_tmp_files, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("dsdiff")
 
@@ -47,19 +47,6 @@ RESTART_HINT = "pass synthetic.overwrite=true to start over there, or choose ano
 
 def sample_id(index: int) -> str:
     return f"{index:07d}"
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def save_image_atomic(image: Image.Image, path: Path, **kwargs) -> Path:
-    """``image.save`` to a temporary name in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    image.save(tmp, **kwargs)
-    os.replace(tmp, path)
-    return path
 
 
 def save_label_png(label: np.ndarray, path: Path) -> Path:
@@ -186,13 +173,13 @@ class SyntheticStore:
         self.check_config(config)
         self.root.mkdir(parents=True, exist_ok=True)
         if clean_tmp:
-            stale = [p for sub in ("", "images", "masks", "attention") for p in (self.root / sub).glob(".*.tmp*")]
+            stale = [p for sub in ("", "images", "masks", "attention") for p in stale_tmp_files(self.root / sub)]
             for p in stale:
                 p.unlink(missing_ok=True)
             if stale:
                 log.info("%s: removed %d temporary files of an interrupted run", self.root, len(stale))
         if not self.config_path.is_file():
-            write_text_atomic(self.config_path, json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+            write_json_atomic(self.config_path, dict(config))
 
     # -- reading -------------------------------------------------------------------------------
     def _files(self, stem: str) -> list[Path]:
@@ -276,10 +263,8 @@ class SyntheticStore:
         entry = {**dict(metadata), "id": sid, "image": image_rel, "mask": mask_rel}
         if class_maps is not None:
             att = self.root / "attention" / f"{sid}.npz"
-            att.parent.mkdir(exist_ok=True)
-            tmp = _tmp_name(att).with_suffix(".npz")
-            np.savez_compressed(tmp, class_maps=np.asarray(class_maps, dtype=np.float16))
-            os.replace(tmp, att)
+            with atomic_path(att) as tmp, tmp.open("wb") as f:
+                np.savez_compressed(f, class_maps=np.asarray(class_maps, dtype=np.float16))
             entry["attention"] = f"attention/{sid}.npz"
         return self._finish(entry, label, tag)
 
@@ -419,24 +404,15 @@ def export_voc(root: str | Path, out: str | Path | None = None, split: str = "tr
         dst_image, dst_mask = images / f"{e['id']}.jpg", masks / f"{e['id']}.png"
         if not dst_image.is_file():
             if src_image.suffix == ".jpg":
-                _link_or_copy(src_image, dst_image)
+                link_or_copy_atomic(src_image, dst_image)
             else:
                 with Image.open(src_image) as im:
                     save_image_atomic(im.convert("RGB"), dst_image, format="JPEG", quality=95)
         if not dst_mask.is_file():
-            _link_or_copy(src_mask, dst_mask)
+            link_or_copy_atomic(src_mask, dst_mask)
     write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "".join(f"{e['id']}\n" for e in entries))
     log.info("exported %d samples as a VOC folder at %s", len(entries), out)
     return out
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = _tmp_name(dst)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def summarize(store: SyntheticStore) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def adopt_older_folder(store: SyntheticStore, config: Mapping) -> None:
     ``generator.batch_size``, the model as a path) when it matches ``config`` in everything else."""
     from dsdiff.data.synthetic import config_diff
     from dsdiff.diffusion.generator import model_identity
-    from dsdiff.runtime import write_text_atomic
+    from dsdiff.io import write_json_atomic
 
     old = store.read_config()
     if not old or "batch_size" in old.get("generator", {}):
@@ -136,7 +136,7 @@ def adopt_older_folder(store: SyntheticStore, config: Mapping) -> None:
         return  # check_config lists what differs
     log.warning("%s was made by an older dsdiff (no batch groups, model recorded by path): adopting it with "
                 "generator.batch_size=%d; samples made before keep their bits", store.root, config["generator"]["batch_size"])
-    write_text_atomic(store.config_path, json.dumps(upgraded, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(store.config_path, upgraded)
 
 
 def check_output_dir(path: Path, setting: str = "synthetic.dir") -> None:

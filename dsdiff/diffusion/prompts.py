@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dsdiff.data.classes import class_words
+from dsdiff.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -292,14 +292,7 @@ def build_records(
 
 def write_jsonl(records: Iterable[PromptRecord], path: str | Path) -> Path:
     """Write records one JSON object per line, atomically (temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
 
 
 def read_jsonl(path: str | Path) -> list[PromptRecord]:

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
+from dsdiff.io import replace_dir
 
 # Words of the shapes world's captions and class prompts; anything else falls apart into characters.
 SHAPES_WORDS: tuple[str, ...] = tuple(class_words(c) for c in SHAPES_CLASSES[1:]) + (
@@ -149,8 +151,6 @@ def save_pipeline(pipe, out_dir: str | Path, keep: Sequence[str] = ("MODEL_CARD.
 
     Files named in ``keep`` that the old folder has (its model card) are carried over.
     """
-    import shutil
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -159,10 +159,4 @@ def save_pipeline(pipe, out_dir: str | Path, keep: Sequence[str] = ("MODEL_CARD.
     for name in keep:
         if (out_dir / name).is_file():
             shutil.copy2(out_dir / name, tmp / name)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_dir(tmp, out_dir)
