@@ -12,16 +12,43 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.config import config_dir
-from dsdiff.generation import generate
+from dsdiff.config import config_dir, to_plain
+from dsdiff.data.classes import get_class_list
+from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
 from dsdiff.io import write_json_atomic
+from dsdiff.prompts import ensure_prompts
 from dsdiff.runtime import finish_loggers, instantiate_loggers, log_config
+from dsdiff.synthetic.predict import generate_dataset
+from dsdiff.synthetic.spec import GenerationPlan, check_settings
+from dsdiff.synthetic.store import check_output_dir
 
 log = logging.getLogger("dsdiff")
+
+
+def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
+    """Generate (or finish) the synthetic dataset that ``cfg.synthetic`` describes; returns a summary.
+
+    Everything that can be judged without weights (settings, the output folder, the tokenizer
+    placing every class name) is checked before the prompts stage runs and before any file is written.
+    """
+    generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
+    class_names = get_class_list(cfg.data.class_list).classes
+    check_settings(generator, synthetic)
+    check_output_dir(Path(synthetic["dir"]).expanduser())
+    check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
+    prompts = synthetic.get("prompts") or ensure_prompts(cfg)  # captions + class names, cached: after the cheap checks
+    plan = GenerationPlan.from_settings(generator, synthetic, class_names, prompts=prompts)
+
+    def make_trainer(callbacks: list):
+        return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    # Lightning refuses a progress-bar callback when the trainer config turns progress bars off
+    return generate_dataset(plan, make_trainer, loggers or (), progress=cfg.trainer.get("enable_progress_bar", True))
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -1,4 +1,4 @@
-"""Files written so that a reader (or a resumed run) never sees half of one; no dsdiff imports.
+"""Files written so that a reader (or a resumed run) never sees half of one, and read back after a kill; no dsdiff imports.
 
 Every writer goes through :func:`atomic_path`: the data goes to a temporary name in the target's
 folder (hidden, with the pid, so concurrent ranks never share one), is flushed to disk, and is
@@ -8,6 +8,7 @@ stale ``.<name>.tmp<pid>`` that :func:`stale_tmp_files` finds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,6 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+log = logging.getLogger("dsdiff")
 TMP_GLOB = ".*.tmp*"
 
 
@@ -91,3 +95,66 @@ def replace_dir(tmp: str | Path, out: str | Path) -> Path:
 def stale_tmp_files(folder: str | Path) -> list[Path]:
     """Temporary files that a killed :func:`atomic_path` left in ``folder``."""
     return sorted(Path(folder).glob(TMP_GLOB))
+
+
+# -- reading what a killed writer may have left -------------------------------------------------
+_TAILS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+def file_problem(path: Path) -> str | None:
+    """Why an image file is not a whole image (missing, empty, unreadable header, cut short), or None.
+
+    Cheap: reads the header and the last bytes, not the pixels (PNG must end in IEND, JPEG in EOI).
+    """
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "missing"
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            im.size  # noqa: B018 - the header parsed
+    except Exception as e:  # noqa: BLE001 - any undecodable header
+        return f"unreadable ({e})"
+    tail = _TAILS.get(path.suffix.lower())
+    if tail:
+        with path.open("rb") as f:
+            f.seek(max(0, size - 16))
+            if not f.read().rstrip(b"\0").endswith(tail):
+                return "truncated (no end marker)"
+    return None
+
+
+def read_jsonl_lines(path: Path) -> list[dict]:
+    """Parsed lines of a JSONL file; a torn or corrupt line (a killed writer) is skipped with a warning."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not valid JSON (a writer killed mid-line?): ignored", path, n)
+    return rows
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line (no trailing newline) so appending starts on a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+        log.warning("%s ended in a torn line (a writer killed mid-line): cut it off", path)
+
+
+def append_line_synced(path: Path, line: str) -> None:
+    """Append one line and sync it to disk: once this returns, the line survives a kill."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())

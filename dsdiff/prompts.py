@@ -87,7 +87,7 @@ def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dic
 
 def stage_settings(cfg) -> dict:
     """Check ``cfg.prompts`` and return what decides the prompts (its digest names the cache); reads no dataset."""
-    from dsdiff.generation import to_plain
+    from dsdiff.config import to_plain
 
     p = to_plain(cfg.prompts)
     source, class_list = p.get("source"), str(cfg.data.class_list)

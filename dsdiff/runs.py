@@ -91,7 +91,7 @@ def identity(cfg: DictConfig) -> dict:
 
 def identity_diff(old: Mapping | None, new: Mapping) -> list[str]:
     """``key: old -> new`` for every result-changing key that differs (task name included)."""
-    from dsdiff.data.synthetic import config_diff
+    from dsdiff.config import config_diff
 
     if not old or "config" not in old:
         return ["<this run recorded no settings: it was made by an older dsdiff>"]

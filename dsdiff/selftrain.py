@@ -28,7 +28,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from dsdiff.data.classes import IGNORE_INDEX
-from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore
+from dsdiff.progress import LogProgress
+from dsdiff.synthetic.dataset import SyntheticDataset
+from dsdiff.synthetic.store import SyntheticStore, summarize
 from dsdiff.data.transforms import EvalTransform
 
 log = logging.getLogger("dsdiff")
@@ -160,9 +162,6 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
     ``make_trainer(callbacks)`` builds the Lightning Trainer that runs the prediction. The summary
     counts ``samples`` written and ``dropped_by_reason["unreadable"]`` samples skipped.
     """
-    from dsdiff.data.synthetic import summarize
-    from dsdiff.progress import LogProgress
-
     source_cfg = SyntheticStore(source).read_config() or {}
     config = {"class_names": source_cfg.get("class_names"), "source": str(Path(source).resolve()),
               "selftrain": {"mode": mode, "threshold": threshold if mode == "confident" else None, "tta": tta},

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, open_dict
 
 from dsdiff.config import config_dir
 from dsdiff.io import write_json_atomic
-from dsdiff.data.synthetic import SyntheticDataset
+from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.models.checkpoint import LastCheckpoint
 from dsdiff.runs import Stages, final_checkpoint, merge_metrics, open_run
 from dsdiff.runtime import (
@@ -224,8 +224,8 @@ def on_the_fly_prompts(cfg: DictConfig) -> None:
 
 def _generate_stage(cfg: DictConfig, stages: Stages) -> None:
     """Generate the synthetic dataset unless a finished generate stage already covers this folder and size."""
-    from dsdiff.data.synthetic import SyntheticStore
-    from dsdiff.generation import generate
+    from dsdiff.generate import generate
+    from dsdiff.synthetic.store import SyntheticStore
 
     done = stages.get("generate") or {}
     store = SyntheticStore(cfg.synthetic.dir)

@@ -24,7 +24,10 @@ from torch.utils.data import DataLoader
 
 from dsdiff.data.classes import VOC_CLASSES
 from dsdiff.data.datamodule import pad_collate
-from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore, export_voc, sample_id
+from dsdiff.synthetic.dataset import SyntheticDataset
+from dsdiff.synthetic.export import export_voc
+from dsdiff.synthetic.spec import sample_id
+from dsdiff.synthetic.store import SyntheticStore
 from dsdiff.data.transforms import TrainTransform
 from dsdiff.data.voc import VOCSegmentation
 

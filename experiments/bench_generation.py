@@ -289,7 +289,7 @@ def processor_census(gen) -> dict:
     procs = gen.pipe.unet.attn_processors.values()
     return {"recording": sum(isinstance(p, RecordingAttnProcessor) for p in procs),
             "sdpa": sum(isinstance(p, AttnProcessor2_0) for p in procs), "total": len(procs),
-            "cross_res": gen.cross_res, "self_res": gen.self_res}
+            "cross_res": gen.labels.cross_res, "self_res": gen.labels.self_res}
 
 
 def matrix_power_labels(cross, self_attn, class_ids, *, tau, size):

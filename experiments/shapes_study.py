@@ -28,11 +28,11 @@ START, END = "<!-- segmentation:start -->", "<!-- segmentation:end -->"
 VARIANTS = {
     "real": (["+experiment=shapes_real"], None, "upper bound"),
     "full": ([], "base", "the method with this world's settings: cross 8, self 16, tau 1, band 0.5-0.6, class prompt, 1 self-training round"),
-    "tau_0": (["generator.tau=0"], "tau0", "no self-attention refinement: worse (paper: about -15 mIoU)"),
-    "tau_2": (["generator.tau=2"], "tau2", "(paper uses tau 4)"),
-    "tau_4": (["generator.tau=4"], "tau4", "the paper's tau"),
-    "no_band": (["generator.alpha=0.5", "generator.beta=0.5"], "noband", "no uncertainty band: worse"),
-    "caption_tokens": (["generator.class_prompt=false"], "captok", "caption tokens instead of the class prompt: worse"),
+    "tau_0": (["generator.labels.tau=0"], "tau0", "no self-attention refinement: worse (paper: about -15 mIoU)"),
+    "tau_2": (["generator.labels.tau=2"], "tau2", "(paper uses tau 4)"),
+    "tau_4": (["generator.labels.tau=4"], "tau4", "the paper's tau"),
+    "no_band": (["generator.labels.alpha=0.5", "generator.labels.beta=0.5"], "noband", "no uncertainty band: worse"),
+    "caption_tokens": (["generator.labels.class_prompt=false"], "captok", "caption tokens instead of the class prompt: worse"),
     "no_selftrain": (["selftrain.rounds=0"], "base", "no self-training: worse"),
     "images_4x": (["synthetic.num_images={images4}"], "base", "4x the synthetic images: better"),
 }

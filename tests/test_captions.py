@@ -116,7 +116,7 @@ def test_a_missing_captioner_stops_before_anything_is_written(tmp_path, voc_expe
 
 
 def test_malformed_jsonl_lines_are_named_by_file_and_line(tmp_path, voc_expected):
-    from dsdiff.generation import prompt_records
+    from dsdiff.synthetic.spec import prompt_records
 
     train = voc_expected["splits"]["train"]
     captions = tmp_path / "caps.jsonl"
@@ -198,7 +198,7 @@ def test_a_partial_file_cut_anywhere_resumes_into_valid_lines(tmp_path, voc_expe
 
 def test_generate_with_a_missing_captioner_writes_nothing(make_cfg, tmp_path, voc_expected):
     from dsdiff.diffusion.testing import save_tiny_pipeline
-    from dsdiff.generation import generate
+    from dsdiff.generate import generate
 
     # a loadable generator, so that the captioner is what is missing (the generator is checked first)
     tiny_sd = save_tiny_pipeline(tmp_path / "tiny_sd")

@@ -120,7 +120,7 @@ def test_optuna_sweep_gives_each_trial_its_run_dir_and_wandb_runs(tiny_sd, voc_r
     cmd = [sys.executable, "-m", "dsdiff.train", "-m", "+experiment=voc_deeplab", "hparams_search=voc_optuna", "debug=fdr",
            "logger=wandb", "prompts=default", "hydra.sweeper.n_trials=2", "synthetic.num_images=2", "data.eval_scale=[128,64]",
            "generator.num_inference_steps=2", "synthetic.filters.drop_empty=false",
-           'hydra.sweeper.params={generator.cross_res:"choice(16)",generator.self_res:"choice(32)"}',  # the tiny UNet's sizes
+           'hydra.sweeper.params={generator.labels.cross_res:"choice(16)",generator.labels.self_res:"choice(32)"}',  # the tiny UNet's sizes
            f"generator.model={tiny_sd}", f"paths.voc={voc_root}", f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]
     out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -148,7 +148,8 @@ class Brightness(torch.nn.Module):
 
 
 def _synthetic_folder(root, n, size=(12, 16)):
-    from dsdiff.data.synthetic import SyntheticStore, sample_id
+    from dsdiff.synthetic.spec import sample_id
+    from dsdiff.synthetic.store import SyntheticStore
 
     store = SyntheticStore(root)
     store.prepare({"class_names": ["background", "a", "b"]})
@@ -195,7 +196,7 @@ def test_pseudo_labels_cover_exactly_num_images_of_an_extended_folder_each_under
     dropped = [json.loads(line) for line in (tmp_path / "pseudo" / "dropped.jsonl").read_text().splitlines()]
     assert [d["id"] for d in dropped] == ["0000001"]
     # round 2 reads the pseudo folder as the chain does: exactly the relabelled samples of 0..num_images-1
-    from dsdiff.data.synthetic import SyntheticDataset
+    from dsdiff.synthetic.dataset import SyntheticDataset
 
     assert SyntheticDataset(tmp_path / "pseudo", max_samples=4).ids == ["0000000", "0000002", "0000003"]
     assert len(SyntheticDataset(tmp_path / "syn", max_samples=4)) == 4

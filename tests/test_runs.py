@@ -196,7 +196,7 @@ def test_identity_ignores_where_outputs_go(make_cfg, tmp_path):
 
     a = identity(make_cfg(["+experiment=voc_deeplab"], output_dir=tmp_path / "x"))
     b = identity(make_cfg(["+experiment=voc_deeplab", "logger=csv", "synthetic.overwrite=true"], output_dir=tmp_path / "y"))
-    c = identity(make_cfg(["+experiment=voc_deeplab", "generator.tau=2"], output_dir=tmp_path / "z"))
+    c = identity(make_cfg(["+experiment=voc_deeplab", "generator.labels.tau=2"], output_dir=tmp_path / "z"))
     d = identity(make_cfg(["+experiment=voc_deeplab", "generator.batch_size=3"], output_dir=tmp_path / "w"))
     assert a["digest"] == b["digest"] != c["digest"]
     assert d["digest"] != a["digest"]  # samples are made in aligned groups of generator.batch_size

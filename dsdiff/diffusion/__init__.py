@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "generator": ("Sample", "SyntheticGenerator", "load_pipeline", "resolve_dtype", "set_scheduler"),
+    "generator": ("Sample", "SyntheticGenerator"),
+    "pipeline": ("load_pipeline", "resolve_dtype", "set_scheduler"),
+    "settings": ("LabelSettings",),
     "masks": ("attention_to_labels", "refine"),
     "real_images": ("attention_on_images",),
     "prompts": (

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.diffusion.settings import check_thresholds
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -51,13 +52,7 @@ def labels_from_maps(
 
 
 def _check_args(cross, self_attn, class_ids, tau, alpha, beta, self_hw):
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0 (number of self-attention products), got {tau}")
-    if alpha < beta:
-        raise ValueError(
-            f"alpha ({alpha}) must be >= beta ({beta}): alpha is the class threshold, "
-            "beta the background threshold, and [beta, alpha) the uncertain band"
-        )
+    check_thresholds(tau, alpha, beta, where="attention_to_labels")
     if cross.ndim != self_attn.ndim + 1 or cross.ndim not in (3, 4):
         raise ValueError(
             f"cross must be (K, h, w) or (B, K, h, w) with self_attn (N, N) or (B, N, N); "

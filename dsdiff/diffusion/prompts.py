@@ -178,7 +178,7 @@ def prompt_token_spans(tokenizer, text: str, words: Sequence[str]) -> list[list[
         starts = [i for i in range(len(ids) - len(wid), 0, -1) if ids[i : i + len(wid)] == wid]
         if not wid or not starts:
             raise ValueError(f"class word {w!r} is not among the tokens of the prompt {text!r}: "
-                             "name every class in the prompt, or keep generator.class_prompt=true")
+                             "name every class in the prompt, or keep generator.labels.class_prompt=true")
         spans.append(list(range(starts[0], starts[0] + len(wid))))
     return spans
 

@@ -11,17 +11,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from dsdiff.data.classes import class_words
-from dsdiff.diffusion.generator import Sample, SyntheticGenerator, is_pixel_space, latent_size
+from dsdiff.diffusion.generator import Sample, SyntheticGenerator
+from dsdiff.diffusion.pipeline import image_to_latent_factor, is_pixel_space
 from dsdiff.diffusion.pixels import pack
-from dsdiff.diffusion.prompts import PromptRecord, class_token_spans
+from dsdiff.diffusion.prompts import PromptRecord
 
 
 def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> UNet input: packed pixels without a VAE, else the VAE's scaled mean latent."""
     if is_pixel_space(pipe):
-        from dsdiff.diffusion.generator import image_to_latent_factor
-
         return pack(images, image_to_latent_factor(pipe))
     latent = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist.mean
     return latent * pipe.vae.config.scaling_factor
@@ -52,34 +50,22 @@ def attention_on_images(
         raise ValueError("timesteps is empty: pass e.g. [200, 400, 600]")
     pipe, device = gen.pipe, gen.device
     height, width = images.shape[1:3]
-    requests = gen._requests(prompts)
-    class_prompts, spans = zip(*(
-        class_token_spans(pipe.tokenizer, [class_words(gen.class_names[i]) for i in ids]) for _, ids, _ in requests
-    ))
-
-    def encode(texts):
-        return pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
-                                  do_classifier_free_guidance=False)[0]
-
-    text_embeds, class_embeds = encode(r[0] for r in requests), encode(class_prompts)
-    pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-    latents = encode_images(pipe, pixels).to(pipe.unet.dtype)
-    gen._install(latent_size(pipe, height, width))
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    gen.store.reset(class_embeds)
-    try:
+    requests = gen.requests(prompts)
+    with gen.recording(requests, height, width, class_prompt=True) as rec:
+        text_embeds = gen.encode([r.text for r in requests])
+        pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        latents = encode_images(pipe, pixels).to(pipe.unet.dtype)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             t_batch = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
             pipe.unet(pipe.scheduler.add_noise(latents, noise, t_batch), t_batch, encoder_hidden_states=text_embeds)
-        cross_all, self_all = gen.store.mean("cross"), gen.store.mean("self")
-    finally:
-        gen.store.clear()
+        rec.read()
+    settings = {k: v for k, v in gen.labels.manifest_fields().items() if k not in ("window", "maps_from")}
     samples = []
-    for b, (text, ids, extra) in enumerate(requests):
-        metadata = {**extra, "prompt": text, "class_prompt": class_prompts[b], "timesteps": [int(t) for t in timesteps],
-                    "seed": int(seed), "model": gen.model_id, "tau": gen.tau, "alpha": gen.alpha, "beta": gen.beta,
-                    "cross_res": gen.cross_res, "self_res": gen.self_res}
+    for b, r in enumerate(requests):
+        metadata = {**r.extra, "prompt": r.text, "class_prompt": rec.class_prompts[b], "timesteps": [int(t) for t in timesteps],
+                    "seed": int(seed), "model": gen.model_id, **settings}
         image = images[b].numpy().astype(np.float32) / 255.0
-        samples.append(gen._sample(image, cross_all[b], self_all[b], spans[b], ids, metadata, return_attention))
+        samples.append(gen.label(image, rec, b, r.class_ids, metadata, return_attention))
     return samples

@@ -1,6 +1,7 @@
 """End-to-end generation on a tiny pipeline saved to disk and loaded the way users load models."""
 import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -116,12 +117,9 @@ def test_records_window_and_counts(gen, monkeypatch):
         original(self, kind, probs)
 
     monkeypatch.setattr(AttentionStore, "add", counting)
-    gen.window = (0.5, 1.0)
-    try:
-        record = PromptRecord("x_0", "a cat; cat", [VOC["cat"]], ["cat"], "cat", "a cat", "x")
-        sample = gen([record], seeds=[0], num_inference_steps=4)[0]
-    finally:
-        gen.window = (0.0, 1.0)
+    monkeypatch.setattr(gen, "labels", replace(gen.labels, window=(0.5, 1.0)))
+    record = PromptRecord("x_0", "a cat; cat", [VOC["cat"]], ["cat"], "cat", "a cat", "x")
+    sample = gen([record], seeds=[0], num_inference_steps=4)[0]
     assert adds == {"cross": 2 * 4, "self": 2 * 3}  # 2 of 4 steps x layers at 16 (cross) / 32 (self)
     assert sample.metadata["recorded_steps"] == 2 and sample.metadata["id"] == "x_0"
 

@@ -9,8 +9,8 @@ import pytest
 from dsdiff.diffusion.testing import save_tiny_pipeline
 
 # 32px images (16x16 latent): attention at 16x16 and 8x8
-GEN_ARGS = ["generator.num_inference_steps=2", "generator.cross_res=8", "generator.self_res=16", "generator.alpha=0.55",
-            "generator.beta=0.45", "synthetic.filters.drop_empty=false",
+GEN_ARGS = ["generator.num_inference_steps=2", "generator.labels.cross_res=8", "generator.labels.self_res=16",
+            "generator.labels.alpha=0.55", "generator.labels.beta=0.45", "synthetic.filters.drop_empty=false",
             "prompts=default"]  # class templates: no captioner offline
 
 
@@ -48,8 +48,8 @@ def gen_cli():
 
 @pytest.fixture
 def gen_inproc(make_cfg, tiny32):
-    """``gen_inproc(out, n, *overrides)``: run ``generation.generate`` in this process (no CLI start-up)."""
-    from dsdiff.generation import generate
+    """``gen_inproc(out, n, *overrides)``: run ``dsdiff.generate.generate`` in this process (no CLI start-up)."""
+    from dsdiff.generate import generate
 
     def _cfg(out: Path, n: int, *extra: str):
         return make_cfg(["+experiment=voc_deeplab", "trainer=cpu", "logger=csv", f"generator.model={tiny32}",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore
+from dsdiff.synthetic.dataset import SyntheticDataset
+from dsdiff.synthetic.store import SyntheticStore
 from dsdiff.data.voc import VOCSegmentation
 
 
@@ -62,11 +63,11 @@ def test_generation_into_a_folder_made_differently_is_refused(tiny32, tmp_path, 
     out = tmp_path / "syn"
     gen_cli.run(tiny32, out, tmp_path / "run1", 2, "synthetic.export=voc")
     assert VOCSegmentation(out / "voc", split="train").ids == ["0000000", "0000001"]
-    proc = subprocess.run(gen_cli.cmd(tiny32, out, tmp_path / "run2", 2, "generator.tau=2"), env=gen_cli.env(),
+    proc = subprocess.run(gen_cli.cmd(tiny32, out, tmp_path / "run2", 2, "generator.labels.tau=2"), env=gen_cli.env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "generator.tau: 4 -> 2" in proc.stderr and "synthetic.overwrite=true" in proc.stderr
-    gen_cli.run(tiny32, out, tmp_path / "run3", 3, "generator.tau=2", "synthetic.overwrite=true")
+    gen_cli.run(tiny32, out, tmp_path / "run3", 3, "generator.labels.tau=2", "synthetic.overwrite=true")
     assert json.loads((out / "dataset.json").read_text())["generator"]["tau"] == 2
     assert len(SyntheticDataset(out)) == 3
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore
+from dsdiff.synthetic.dataset import SyntheticDataset
+from dsdiff.synthetic.store import SyntheticStore
 
 
 def _files(root):
@@ -57,8 +58,8 @@ def test_a_failed_generation_writes_nothing_and_the_corrected_rerun_succeeds(cas
         "missing_model": (["generator.model=nope"], "no Stable Diffusion weights at 'nope'"),
         "not_a_pipeline": ([f"generator.model={tmp_path / 'folder'}"], "no Stable Diffusion weights at"),
         "unknown_scheduler": (["generator.scheduler=heun2"], "unknown scheduler 'heun2' \\(generator.scheduler\\)"),
-        "alpha_below_beta": (["generator.alpha=0.3"], "generator.alpha=0.3 < generator.beta=0.45"),
-        "negative_tau": (["generator.tau=-1"], "generator.tau=-1"),
+        "alpha_below_beta": (["generator.labels.alpha=0.3"], "generator.labels.alpha=0.3 < generator.labels.beta=0.45"),
+        "negative_tau": (["generator.labels.tau=-1"], "generator.labels.tau=-1"),
         "unplaceable_class": ([f"generator.model={tmp_path / 'nov'}"], "class name 'tvmonitor'"),
         "weights_fail_to_load": ([f"generator.model={broken}"], "could not load the pipeline"),
     }[case]
@@ -103,7 +104,7 @@ def test_a_rerun_with_nothing_left_merges_the_shards_and_draws_the_grid(gen_inpr
     (out / "manifest.jsonl").rename(out / "manifest.rank0.jsonl")  # killed before the merge
     (out / "grid.png").unlink()
 
-    from dsdiff.generation import GenerationModule
+    from dsdiff.synthetic.predict import GenerationModule
 
     def no_weights(self, device):
         raise AssertionError("a finished folder must not load the pipeline")
@@ -128,12 +129,12 @@ def test_synthetic_dir_that_cannot_be_a_folder_is_named(gen_inproc, tmp_path, mo
         gen_inproc(tmp_path / "afile", 2)
     with pytest.raises(NotADirectoryError, match=f"lies under the file {tmp_path / 'afile'}"):
         gen_inproc(tmp_path / "afile" / "sub" / "syn", 2)
-    import dsdiff.data.writer as writer
+    import dsdiff.synthetic.store as store
 
     readonly = tmp_path / "ro"
     readonly.mkdir()
     # root ignores permission bits, so the check os.access makes (true for a read-only mount too) is simulated
-    monkeypatch.setattr(writer.os, "access", lambda path, mode: path != readonly)
+    monkeypatch.setattr(store.os, "access", lambda path, mode: path != readonly)
     with pytest.raises(PermissionError, match=f"synthetic.dir={readonly / 'syn'}: {readonly} is not writable"):
         gen_inproc(readonly / "syn", 2)
     assert list(readonly.iterdir()) == []
@@ -192,7 +193,7 @@ def test_progress_lines_reach_a_log_file(gen_inproc, tmp_path):
 def test_hf_export_loads_back_with_the_same_pixels(gen_inproc, tmp_path):
     datasets = pytest.importorskip("datasets")
     out = tmp_path / "syn"
-    summary = gen_inproc(out, 3, "synthetic.export=hf", "generator.tau=2")
+    summary = gen_inproc(out, 3, "synthetic.export=hf", "generator.labels.tau=2")
     assert summary["export"] == str(out / "hf")
     ds = datasets.load_dataset(str(out / "hf"), split="train", cache_dir=str(tmp_path / "cache"))
     store = SyntheticStore(out)
@@ -206,7 +207,7 @@ def test_hf_export_loads_back_with_the_same_pixels(gen_inproc, tmp_path):
     # a re-export with other content loads as itself: `datasets` keys its cache of a local folder on the
     # card's file pattern, so the shards carry a content digest (seen: a stale cache returned old masks)
     other = tmp_path / "other"
-    gen_inproc(other, 2, "synthetic.export=hf", "generator.tau=1")
+    gen_inproc(other, 2, "synthetic.export=hf", "generator.labels.tau=1")
     again = datasets.load_dataset(str(other / "hf"), split="train", cache_dir=str(tmp_path / "cache"))
     first = datasets.load_dataset(str(out / "hf"), split="train", cache_dir=str(tmp_path / "cache"))
     assert again["id"] == ["0000000", "0000001"] and first["id"] == ["0000000", "0000001", "0000002"]
@@ -222,7 +223,7 @@ def test_a_folder_from_before_groups_and_digests_is_adopted_when_nothing_else_di
     del legacy["generator"]["batch_size"]
     path.write_text(json.dumps(legacy))
     with pytest.raises(ValueError, match="generator.tau: 4 -> 2"):
-        gen_inproc(out, 2, "generator.tau=2")
+        gen_inproc(out, 2, "generator.labels.tau=2")
     assert json.loads(path.read_text()) == legacy  # not adopted by a run that differs
     assert gen_inproc(out, 3)["samples"] == 3
     assert json.loads(path.read_text()) == current

@@ -44,8 +44,8 @@ CASES = {
                               "generator.batch_size=4", "prompts=default"],
     # a tiny random Stable Diffusion layout (VAE, VOC classes), 2 groups of 4 ids and one of 2
     "tiny_sd_voc": lambda tiny32: ["+experiment=voc_deeplab", "debug=fast", f"generator.model={tiny32}",
-                                   "generator.num_inference_steps=2", "generator.cross_res=8", "generator.self_res=16",
-                                   "generator.alpha=0.55", "generator.beta=0.45", "synthetic.filters.drop_empty=false",
+                                   "generator.num_inference_steps=2", "generator.labels.cross_res=8",
+                                   "generator.labels.self_res=16", "generator.labels.alpha=0.55", "generator.labels.beta=0.45", "synthetic.filters.drop_empty=false",
                                    "prompts=default"],
 }
 

@@ -8,10 +8,11 @@ from torch.utils.data import DataLoader
 
 from dsdiff.data.classes import VOC_CLASSES
 from dsdiff.data.datamodule import pad_collate
-from dsdiff.data.on_the_fly import OnTheFlySynthetic, synthetic_train_set
-from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore
+from dsdiff.synthetic.dataset import OnTheFlySynthetic, SyntheticDataset, synthetic_train_set
+from dsdiff.synthetic.store import SyntheticStore
 
-GEN = {"model": None, "dtype": "fp32", "num_inference_steps": 2, "cross_res": 8, "self_res": 16, "alpha": 0.55, "beta": 0.45, "batch_size": 2}
+GEN = {"model": None, "dtype": "fp32", "num_inference_steps": 2, "batch_size": 2,
+       "labels": {"cross_res": 8, "self_res": 16, "alpha": 0.55, "beta": 0.45}}
 
 
 def _synthetic(tmp_path, **kw):
@@ -62,3 +63,27 @@ def test_write_through_with_a_bad_model_leaves_no_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Stable Diffusion weights"):
         next(iter(data))
     assert not (tmp_path / "syn").exists()
+
+
+def test_stream_and_cached_writer_store_the_same_sample_the_same_way(gen_inproc, tmp_path):
+    from dsdiff.config import to_plain
+
+    cached, streamed = tmp_path / "cached", tmp_path / "streamed"
+    gen_inproc(cached, 4, "generator.batch_size=2", "synthetic.filters.drop_empty=true")
+    cfg = gen_inproc.cfg(streamed, 4, "generator.batch_size=2", "synthetic.filters.drop_empty=true")
+    synthetic = {**to_plain(cfg.synthetic), "mode": "on_the_fly", "write_through": True}
+    stream = OnTheFlySynthetic(to_plain(cfg.generator), synthetic, VOC_CLASSES)
+    list(itertools.islice(iter(stream), 4 - len(SyntheticStore(cached).dropped())))  # ids 0-3, as the cached run made them
+
+    def rows(root):
+        store = SyntheticStore(root)
+        kept = {e["id"]: {k: v for k, v in e.items() if k != "time"} for e in store.entries()}
+        dropped = {d["id"]: {k: v for k, v in d.items() if k != "time"} for d in store.dropped()}
+        return kept, dropped
+
+    assert rows(streamed) == rows(cached)  # same fields (record_id, class_ids, thresholds, ...) and values
+    assert len(rows(cached)[0]) >= 1 and "record_id" in next(iter(rows(cached)[0].values()))
+    assert SyntheticStore(streamed).read_config() == SyntheticStore(cached).read_config()
+    for sub in ("images", "masks"):
+        for path in sorted((cached / sub).iterdir()):
+            assert (streamed / sub / path.name).read_bytes() == path.read_bytes()

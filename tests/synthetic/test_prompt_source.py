@@ -3,7 +3,8 @@ import pytest
 
 from dsdiff.data.classes import SHAPES_CLASSES, VOC_CLASSES
 from dsdiff.diffusion.prompts import PromptRecord, write_jsonl
-from dsdiff.generation import GenerationRequests, dataset_config, prompt_records
+from dsdiff.synthetic.predict import GenerationRequests
+from dsdiff.synthetic.spec import GenerationPlan, prompt_records
 
 
 def test_templates_name_each_class_then_each_ordered_pair():
@@ -26,19 +27,24 @@ def test_prompts_file_is_read_and_checked_against_the_class_list(tmp_path):
 
 def test_sample_i_uses_record_i_mod_r_and_seed_plus_i():
     records = prompt_records(None, SHAPES_CLASSES, "{}")
-    requests = [r for group in GenerationRequests(records, [[0, 6], [12]], seed=100) for r in group]
+    plan = GenerationPlan({"model": None}, {"seed": 100}, SHAPES_CLASSES, records)
+    requests = [r for group in GenerationRequests(plan, [[0, 6], [12]]) for r in group]
     assert [(r["id"], r["seed"], r["record"]["class_ids"]) for r in requests] == [
         ("0000000", 100, [1]), ("0000006", 106, [2]), ("0000012", 112, [3])]
 
 
 def test_dataset_config_changes_with_what_changes_the_samples():
     records = prompt_records(None, SHAPES_CLASSES, "{}")
-    gen = {"model": "m", "tau": 4, "batch_size": 4, "dtype": "auto"}
+    gen = {"model": "m", "labels": {"tau": 4}, "batch_size": 4, "dtype": "auto"}
+
+    def dataset_config(generator, synthetic, class_names, records):
+        return GenerationPlan(generator, synthetic, class_names, records).dataset_config()
+
     syn = {"seed": 0, "template": "{}", "num_images": 10, "dir": "/x"}
     base = dataset_config(gen, syn, SHAPES_CLASSES, records)
     assert dataset_config(gen, {**syn, "num_images": 99, "dir": "/y"}, SHAPES_CLASSES, records) == base
     # the batch size decides which ids share a forward pass, which changes the last bits
     assert dataset_config({**gen, "batch_size": 1}, syn, SHAPES_CLASSES, records) != base
-    assert dataset_config({**gen, "tau": 2}, syn, SHAPES_CLASSES, records) != base
+    assert dataset_config({**gen, "labels": {"tau": 2}}, syn, SHAPES_CLASSES, records) != base
     assert dataset_config(gen, {**syn, "seed": 1}, SHAPES_CLASSES, records) != base
     assert dataset_config(gen, syn, SHAPES_CLASSES, records[:3]) != base

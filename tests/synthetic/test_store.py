@@ -8,7 +8,10 @@ import torch
 from PIL import Image
 
 from dsdiff.data.classes import VOC_CLASSES
-from dsdiff.data.synthetic import SyntheticDataset, SyntheticStore, export_voc, filter_reason, sample_id
+from dsdiff.synthetic.dataset import SyntheticDataset
+from dsdiff.synthetic.export import export_voc
+from dsdiff.synthetic.spec import sample_id
+from dsdiff.synthetic.store import SyntheticStore, filter_reason
 from dsdiff.data.transforms import TrainTransform
 from dsdiff.data.voc import VOCSegmentation
 
@@ -183,7 +186,7 @@ def test_an_empty_image_is_skipped_with_its_path_and_is_not_done(tmp_path, caplo
 
 
 def test_a_cut_short_mask_or_jpeg_is_not_done(tmp_path):
-    from dsdiff.data.synthetic import file_problem
+    from dsdiff.io import file_problem
 
     store = SyntheticStore(tmp_path / "syn")
     store.prepare(CONFIG)

@@ -1,4 +1,5 @@
-"""A synthetic dataset on disk: the store that generation writes and the Dataset that training reads.
+"""A synthetic dataset on disk: the folder, its configuration check, its manifest, and :func:`store_sample`,
+the one way a generated sample enters it (the prediction writer and the on-the-fly stream both use it).
 
 Layout of ``synthetic.dir``::
 
@@ -23,18 +24,18 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from dsdiff.data.classes import IGNORE_INDEX, flat_palette, get_class_list
-from dsdiff.data.voc import read_label_png, read_rgb
-from dsdiff.io import atomic_path, link_or_copy_atomic, save_image_atomic, stale_tmp_files, write_json_atomic, write_text_atomic
+from dsdiff.config import config_diff
+from dsdiff.data.classes import IGNORE_INDEX, flat_palette
+from dsdiff.io import (append_line_synced, atomic_path, file_problem, read_jsonl_lines, repair_tail, save_image_atomic,
+                       stale_tmp_files, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("dsdiff")
 
@@ -45,69 +46,11 @@ IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
 RESTART_HINT = "pass synthetic.overwrite=true to start over there, or choose another synthetic.dir"
 
 
-def sample_id(index: int) -> str:
-    return f"{index:07d}"
-
-
 def save_label_png(label: np.ndarray, path: Path) -> Path:
     """A (H, W) uint8 label map as a palette PNG (VOC colours), atomically."""
     im = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="P")
     im.putpalette(flat_palette())
     return save_image_atomic(im, path, format="PNG")
-
-
-def read_jsonl_lines(path: Path) -> list[dict]:
-    """Parsed lines of a JSONL file; a torn or corrupt line (a killed writer) is skipped with a warning."""
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("%s line %d is not valid JSON (a writer killed mid-line?): ignored", path, n)
-    return rows
-
-
-def _repair_tail(path: Path) -> None:
-    """Cut a torn last line (no trailing newline) so appending starts on a fresh line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        data = f.read()
-        if data.endswith(b"\n"):
-            return
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-        log.warning("%s ended in a torn line (a writer killed mid-line): cut it off", path)
-
-
-_TAILS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
-
-
-def file_problem(path: Path) -> str | None:
-    """Why an image file is not a whole image (missing, empty, unreadable header, cut short), or None.
-
-    Cheap: reads the header and the last bytes, not the pixels (PNG must end in IEND, JPEG in EOI).
-    """
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return "missing"
-    if size == 0:
-        return "empty (0 bytes)"
-    try:
-        with Image.open(path) as im:
-            im.size  # noqa: B018 - the header parsed
-    except Exception as e:  # noqa: BLE001 - any undecodable header
-        return f"unreadable ({e})"
-    tail = _TAILS.get(path.suffix.lower())
-    if tail:
-        with path.open("rb") as f:
-            f.seek(max(0, size - 16))
-            if not f.read().rstrip(b"\0").endswith(tail):
-                return "truncated (no end marker)"
-    return None
 
 
 def filter_reason(label: np.ndarray, *, drop_empty: bool = True, max_uncertain: float | None = None) -> str | None:
@@ -120,23 +63,12 @@ def filter_reason(label: np.ndarray, *, drop_empty: bool = True, max_uncertain: 
     return None
 
 
-def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-    """Human-readable differences between two configuration dicts (``key: old -> new``)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 class SyntheticStore:
     """Reads and writes one synthetic dataset folder (see the module docstring for the layout)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
+        self._repaired: set[Path] = set()  # shards whose torn last line (a killed writer) was cut this session
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -210,6 +142,13 @@ class SyntheticStore:
         """Manifest entries of finished samples, one per id, sorted by id."""
         return [row for _, row in sorted(self._latest()[0].items())]
 
+    def present_entries(self, what: str = "") -> list[dict]:
+        """:meth:`entries` whose image and mask files exist; with ``what`` (e.g. "export"), none is an error."""
+        entries = [e for e in self.entries() if (self.root / e["image"]).is_file() and (self.root / e["mask"]).is_file()]
+        if what and not entries:
+            raise ValueError(f"nothing to {what}: the synthetic dataset at {self.root} has no finished samples")
+        return entries
+
     def dropped(self) -> list[dict]:
         return [row for _, row in sorted(self._latest()[1].items())]
 
@@ -231,15 +170,10 @@ class SyntheticStore:
     # -- writing -------------------------------------------------------------------------------
     def _append(self, stem: str, tag: str, row: Mapping) -> None:
         path = self.root / f"{stem}.{tag}.jsonl"
-        if not getattr(self, "_repaired", None):
-            self._repaired = set()
         if path not in self._repaired:
-            _repair_tail(path)
+            repair_tail(path)
             self._repaired.add(path)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({**dict(row), "time": round(time.time(), 6)}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line_synced(path, json.dumps({**dict(row), "time": round(time.time(), 6)}, ensure_ascii=False))
 
     def write_sample(
         self,
@@ -306,113 +240,54 @@ class SyntheticStore:
         return count
 
 
-class SyntheticDataset(Dataset):
-    """A synthetic folder as a segmentation Dataset: ``{"image", "mask", "name"}`` like the VOC reader.
+@dataclass(frozen=True)
+class WriteOptions:
+    """How samples are stored and filtered (``conf/synthetic``: image format, attention, filters)."""
 
-    ``max_samples`` keeps samples ``0..max_samples-1`` (``synthetic.num_images`` in training).
-    Entries whose files are missing are left out when the dataset opens (with a count); a file
-    that fails to decode while training is reported with its path and replaced by the next good
-    sample, so an epoch never stops halfway.
-    """
+    image_format: str = "png"
+    jpeg_quality: int = 95
+    save_attention: bool = False
+    drop_empty: bool = True
+    max_uncertain: float | None = None
 
-    def __init__(self, root: str | Path, transform: Callable | None = None, class_list: str | None = None,
-                 max_samples: int | None = None) -> None:
-        self.store = SyntheticStore(root)
-        self.root = self.store.root
-        self.transform = transform
-        config = self.store.read_config()
-        if config is None:
-            raise FileNotFoundError(
-                f"no synthetic dataset at {self.root} (no {CONFIG_FILE}): generate one with "
-                "`python -m dsdiff.generate +experiment=NAME synthetic.dir=DIR`, or point synthetic.dir at one"
-            )
-        names = config.get("class_names") or (get_class_list(class_list).classes if class_list else None)
-        if names is None:
-            raise ValueError(f"{self.config_path} has no class_names: pass class_list=<name>")
-        self.classes = tuple(names)
-        self.num_classes = len(self.classes)
-        entries = self.store.entries()
-        if max_samples is not None:  # samples 0..max_samples-1 (a folder extended for a larger run holds more)
-            entries = [e for e in entries if not e["id"].isdigit() or int(e["id"]) < max_samples]
-        self.entries = [e for e in entries if (self.root / e["image"]).is_file() and (self.root / e["mask"]).is_file()]
-        missing = len(entries) - len(self.entries)
-        if missing:
-            log.warning("%s: %d manifest entries have a missing image or mask and are left out", self.root, missing)
-        if not self.entries:
-            raise ValueError(f"the synthetic dataset at {self.root} has no finished samples: generate (or resume) it first")
-        self.ids = [e["id"] for e in self.entries]
-        self.skipped = 0
+    def __post_init__(self) -> None:
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"synthetic.image_format={self.image_format!r}: use one of {sorted(IMAGE_FORMATS)}")
 
-    @property
-    def config_path(self) -> Path:
-        return self.store.config_path
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _read(self, entry: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-        image_path, mask_path = self.root / entry["image"], self.root / entry["mask"]
-        try:
-            image = read_rgb(image_path)
-        except Exception as e:  # noqa: BLE001 - torchvision's decode errors do not name the file
-            raise ValueError(f"image {image_path} could not be read: {e}") from e
-        try:
-            mask = read_label_png(mask_path)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"mask {mask_path} could not be read: {e}") from e
-        bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
-        if bad.any():
-            raise ValueError(f"mask {mask_path} holds labels {np.unique(mask[bad]).tolist()} outside 0..{self.num_classes - 1}, 255")
-        if mask.shape != tuple(image.shape[1:]):
-            raise ValueError(f"mask {mask_path} is {mask.shape} but its image is {tuple(image.shape[1:])}")
-        return image, torch.from_numpy(mask)
-
-    def __getitem__(self, index: int) -> dict:
-        for step in range(len(self.entries)):
-            entry = self.entries[(index + step) % len(self.entries)]
-            try:
-                image, mask = self._read(entry)
-                break
-            except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal mid-epoch
-                self.skipped += 1
-                log.warning("skipped synthetic sample %s (%s); %d skipped so far in this process", entry["id"], e, self.skipped)
-        else:
-            raise RuntimeError(f"no sample of the synthetic dataset at {self.root} could be read")
-        if self.transform is None:
-            return {"image": image, "mask": mask.long(), "name": entry["id"]}
-        image, mask = self.transform(image, mask)
-        return {"image": image, "mask": mask, "name": entry["id"]}
+    @classmethod
+    def from_synthetic(cls, synthetic: Mapping) -> WriteOptions:
+        filters = synthetic.get("filters") or {}
+        return cls(image_format=synthetic.get("image_format", "png"), jpeg_quality=int(synthetic.get("jpeg_quality", 95)),
+                   save_attention=bool(synthetic.get("save_attention")), drop_empty=bool(filters.get("drop_empty", True)),
+                   max_uncertain=filters.get("max_uncertain"))
 
 
-def export_voc(root: str | Path, out: str | Path | None = None, split: str = "train") -> Path:
-    """Lay a synthetic folder out as PASCAL VOC (JPEGImages, SegmentationClass, ImageSets/Segmentation).
+def store_sample(store: SyntheticStore, sid: str, sample, options: WriteOptions, tag: str) -> str | None:
+    """Write a generated :class:`dsdiff.diffusion.generator.Sample` as ``sid`` (or record why the filters
+    drop it); returns that reason, or None when the sample was kept."""
+    metadata = {k: v for k, v in sample.metadata.items() if k != "id"}
+    metadata.update(class_ids=list(sample.class_ids), record_id=sample.metadata.get("id"))
+    reason = filter_reason(sample.label, drop_empty=options.drop_empty, max_uncertain=options.max_uncertain)
+    if reason:
+        store.write_dropped(sid, reason, metadata, tag=tag)
+        return reason
+    store.write_sample(sid, sample.image, sample.label, metadata, tag=tag, image_format=options.image_format,
+                       jpeg_quality=options.jpeg_quality, class_maps=sample.class_maps if options.save_attention else None)
+    return None
 
-    Masks (and JPEG images) are hard-linked where the file system allows, else copied; PNG images
-    are re-encoded as JPEG (quality 95). The id list is written last, so a half-done export has
-    no list. Re-running skips files already exported. Returns the VOC root (default ``<root>/voc``).
-    """
-    store = SyntheticStore(root)
-    entries = [e for e in store.entries() if (store.root / e["image"]).is_file() and (store.root / e["mask"]).is_file()]
-    if not entries:
-        raise ValueError(f"nothing to export: the synthetic dataset at {store.root} has no finished samples")
-    out = Path(out) if out is not None else store.root / "voc"
-    images, masks = out / "JPEGImages", out / "SegmentationClass"
-    for folder in (images, masks, out / "ImageSets" / "Segmentation"):
-        folder.mkdir(parents=True, exist_ok=True)
-    for e in entries:
-        src_image, src_mask = store.root / e["image"], store.root / e["mask"]
-        dst_image, dst_mask = images / f"{e['id']}.jpg", masks / f"{e['id']}.png"
-        if not dst_image.is_file():
-            if src_image.suffix == ".jpg":
-                link_or_copy_atomic(src_image, dst_image)
-            else:
-                with Image.open(src_image) as im:
-                    save_image_atomic(im.convert("RGB"), dst_image, format="JPEG", quality=95)
-        if not dst_mask.is_file():
-            link_or_copy_atomic(src_mask, dst_mask)
-    write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "".join(f"{e['id']}\n" for e in entries))
-    log.info("exported %d samples as a VOC folder at %s", len(entries), out)
-    return out
+
+def check_output_dir(path: Path, setting: str = "synthetic.dir") -> None:
+    """Raise, naming ``setting``, if ``path`` cannot become a writable folder; writes nothing."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{setting}={path} is a file, not a folder: point {setting} at a folder (new or made by dsdiff)")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{setting}={path} lies under the file {parent}: point {setting} at a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{setting}={path}: {parent} is not writable (read-only or another user's): "
+                              f"choose another {setting} or fix its permissions")
 
 
 def summarize(store: SyntheticStore) -> dict[str, Any]:

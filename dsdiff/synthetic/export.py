@@ -1,5 +1,6 @@
-"""A synthetic folder as a Hugging Face ``datasets`` dataset (``synthetic.export=hf``).
+"""A synthetic folder for other toolkits (``synthetic.export``): a VOC layout or a Hugging Face ``datasets`` folder.
 
+``export=voc`` writes ``<dir>/voc`` (JPEGImages, SegmentationClass, ImageSets/Segmentation/train.txt).
 ``<dir>/hf`` holds ``data/train-<digest>-XXXXX-of-YYYYY.parquet`` shards with the columns ``id``,
 ``image`` and ``label`` (``Image`` features: the stored PNG/JPEG bytes, the label map a palette
 PNG of class indices, 255 uncertain), ``prompt``, ``class_ids`` and ``seed``, and a dataset
@@ -14,8 +15,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from dsdiff.data.synthetic import SyntheticStore
-from dsdiff.io import replace_dir
+from PIL import Image
+
+from dsdiff.io import link_or_copy_atomic, replace_dir, save_image_atomic, write_text_atomic
+from dsdiff.synthetic.store import SyntheticStore
 
 log = logging.getLogger("dsdiff")
 
@@ -79,9 +82,7 @@ def export_hf(root: str | Path, out: str | Path | None = None, rows_per_shard: i
 
     store = SyntheticStore(root)
     config = store.read_config() or {}
-    entries = [e for e in store.entries() if (store.root / e["image"]).is_file() and (store.root / e["mask"]).is_file()]
-    if not entries:
-        raise ValueError(f"nothing to export: the synthetic dataset at {store.root} has no finished samples")
+    entries = store.present_entries("export")
     out = Path(out) if out is not None else store.root / "hf"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,3 +112,37 @@ def export_hf(root: str | Path, out: str | Path | None = None, rows_per_shard: i
     replace_dir(tmp, out)
     log.info("exported %d samples as a Hugging Face dataset at %s (datasets.load_dataset(%r))", len(entries), out, str(out))
     return out
+
+
+def export_voc(root: str | Path, out: str | Path | None = None, split: str = "train") -> Path:
+    """Lay a synthetic folder out as PASCAL VOC (JPEGImages, SegmentationClass, ImageSets/Segmentation).
+
+    Masks (and JPEG images) are hard-linked where the file system allows, else copied; PNG images
+    are re-encoded as JPEG (quality 95). The id list is written last, so a half-done export has
+    no list. Re-running skips files already exported. Returns the VOC root (default ``<root>/voc``).
+    """
+    store = SyntheticStore(root)
+    entries = store.present_entries("export")
+    out = Path(out) if out is not None else store.root / "voc"
+    images, masks = out / "JPEGImages", out / "SegmentationClass"
+    for folder in (images, masks, out / "ImageSets" / "Segmentation"):
+        folder.mkdir(parents=True, exist_ok=True)
+    for e in entries:
+        src_image, src_mask = store.root / e["image"], store.root / e["mask"]
+        dst_image, dst_mask = images / f"{e['id']}.jpg", masks / f"{e['id']}.png"
+        if not dst_image.is_file():
+            if src_image.suffix == ".jpg":
+                link_or_copy_atomic(src_image, dst_image)
+            else:
+                with Image.open(src_image) as im:
+                    save_image_atomic(im.convert("RGB"), dst_image, format="JPEG", quality=95)
+        if not dst_mask.is_file():
+            link_or_copy_atomic(src_mask, dst_mask)
+    write_text_atomic(out / "ImageSets" / "Segmentation" / f"{split}.txt", "".join(f"{e['id']}\n" for e in entries))
+    log.info("exported %d samples as a VOC folder at %s", len(entries), out)
+    return out
+
+
+def export_folder(root: Path, export: str) -> Path:
+    """``synthetic.export``: a VOC-layout copy (``<dir>/voc``) or a Hugging Face datasets folder (``<dir>/hf``)."""
+    return export_voc(root) if export == "voc" else export_hf(root)

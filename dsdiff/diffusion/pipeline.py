@@ -1,0 +1,171 @@
+"""Loading a diffusers text-to-image pipeline, with the checks that need no weights (METHOD.md section 2).
+
+A hub id or a local ``save_pretrained`` folder; SD 1.x/2.x, SDXL-layout UNets and pixel-space
+pipelines without a VAE. Every failure names ``generator.model`` (or the setting to fix).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dsdiff.data.classes import class_words
+from dsdiff.diffusion.pixels import packing_factor
+from dsdiff.diffusion.prompts import class_token_spans
+
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "dpm-solver": "DPMSolverMultistepScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-ancestral": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """``"auto"`` is fp16 on CUDA and fp32 on CPU; half precision on CPU is refused."""
+    on_cpu = torch.device(device).type == "cpu"
+    if dtype == "auto":
+        return torch.float32 if on_cpu else torch.float16
+    resolved = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(str(dtype))
+    if resolved is None:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {['auto', *DTYPES]}")
+    if on_cpu and resolved != torch.float32:
+        raise ValueError(f"dtype {dtype} on CPU is unsupported or very slow: use dtype='fp32' (or 'auto') on CPU")
+    return resolved
+
+
+def set_scheduler(pipe, name: str | None) -> None:
+    """Swap the pipeline's scheduler for one named in ``SCHEDULERS``, keeping its noise schedule."""
+    if name is None:
+        return
+    check_scheduler(name)
+    key = name.lower().replace("_", "-")
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[key])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def is_pixel_space(pipe) -> bool:
+    """True for a pipeline without a VAE: its UNet denoises (packed) pixels, see :mod:`dsdiff.diffusion.pixels`."""
+    return getattr(pipe, "vae", None) is None
+
+
+def image_to_latent_factor(pipe) -> int:
+    """How many image pixels one UNet input position covers: the VAE's factor, or the pixel packing factor."""
+    if is_pixel_space(pipe):
+        return packing_factor(pipe.unet.config.in_channels)
+    return getattr(pipe, "vae_scale_factor", 1)
+
+
+def latent_size(pipe, height: int, width: int) -> tuple[int, int]:
+    """The UNet's input grid for an image size (a pixel-space pipeline has no VAE: factor 1)."""
+    factor = image_to_latent_factor(pipe)
+    return height // factor, width // factor
+
+
+def check_scheduler(name: str | None) -> None:
+    """Raise on a scheduler name outside ``SCHEDULERS`` (None keeps the checkpoint's own)."""
+    if name is not None and name.lower().replace("_", "-") not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r} (generator.scheduler): use one of {sorted(SCHEDULERS)} or null (the checkpoint's own)")
+
+
+def pipeline_config(model: str | Path) -> dict:
+    """``model_index.json`` of a hub id or local diffusers folder (no weights loaded), with clear errors."""
+    from diffusers import DiffusionPipeline
+
+    fix = "pass generator.model=<hub id or local diffusers folder with model_index.json>"
+    try:
+        config = dict(DiffusionPipeline.load_config(str(model)))
+    except (OSError, ValueError) as e:
+        hint = " (a hub id needs network access; HF_HUB_OFFLINE=1 forbids downloads)" if not Path(str(model)).exists() else ""
+        raise FileNotFoundError(f"no Stable Diffusion weights at {model!r}{hint}: {fix}. Cause: {e}") from e
+    if "unet" not in config:
+        raise ValueError(
+            f"{model!r} is a {config.get('_class_name')} without a UNet: dsdiff records UNet attention "
+            "(Stable Diffusion 1.x/2.x, SDXL)"
+        )
+    return config
+
+
+def load_tokenizer(model: str | Path):
+    """The pipeline's (first) tokenizer alone: enough to check that class names can be placed."""
+    import transformers
+
+    config = pipeline_config(model)
+    entry = config.get("tokenizer")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        raise ValueError(f"{model!r} has no tokenizer in its model_index.json: dsdiff needs a text-to-image pipeline")
+    cls = getattr(transformers, entry[1], None) or transformers.AutoTokenizer
+    try:
+        return cls.from_pretrained(str(model), subfolder="tokenizer")
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load the tokenizer of {model!r}: pass generator.model=<a complete diffusers folder>. Cause: {e}") from e
+
+
+def check_class_names(tokenizer, class_names: Sequence[str]) -> None:
+    """Raise, naming the class, if the tokenizer cannot place a class name in a class prompt."""
+    for name in class_names[1:]:
+        try:
+            class_token_spans(tokenizer, [class_words(name)])
+        except ValueError as e:
+            raise ValueError(f"class name {name!r} of data.class_list cannot be placed by this model's tokenizer: {e}") from e
+
+
+WEIGHT_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".model")
+_CHUNK = 1 << 20
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 over a model folder's config and weight files: relative path, size, first and last MiB.
+
+    Cheap for multi-GB checkpoints (2 MiB read per file) and independent of where the folder lives.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with p.open("rb") as f:
+            h.update(f.read(_CHUNK))
+            if size > 2 * _CHUNK:
+                f.seek(size - _CHUNK)
+            h.update(f.read())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def model_identity(model: str | Path) -> str | dict:
+    """What ``dataset.json`` records of ``generator.model``: a hub id as it is; a local folder as its
+    name and :func:`folder_digest` (so moving the folder keeps a cache valid, changing its weights does not)."""
+    path = Path(str(model)).expanduser()
+    if path.is_dir():
+        return {"name": path.resolve().name, "digest": folder_digest(path)}
+    return str(model)
+
+
+def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool = False):
+    """A diffusers pipeline from a hub id or a local ``save_pretrained`` folder, with clear errors."""
+    from diffusers import DiffusionPipeline
+
+    fix = "pass generator.model=<hub id or local diffusers folder with model_index.json>"
+    config = pipeline_config(model)
+    # A component saved as [null, null] (a pixel-space model's vae) must be passed as None
+    # explicitly: diffusers only fills in the optional ones (safety checker, feature extractor).
+    extra = {name: None for name, value in config.items() if isinstance(value, list) and value == [None, None]}
+    if "safety_checker" in config and not safety_checker:
+        extra.update({"safety_checker": None, "requires_safety_checker": False})
+    from diffusers.pipelines import pipeline_utils
+
+    # diffusers renamed torch_dtype to dtype (and warns on the old name) where it has _resolve_dtype.
+    extra["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = dtype
+    try:
+        return DiffusionPipeline.from_pretrained(str(model), **extra)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load the pipeline at {model!r}: {fix}. Cause: {e}") from e

@@ -1,0 +1,86 @@
+"""The labelling settings: how recorded attention becomes a label map (METHOD.md section 3).
+
+One frozen dataclass, validated once when it is built. ``conf/generator/*.yaml`` builds it as the
+``generator.labels`` node (``_target_: dsdiff.diffusion.settings.LabelSettings``); its
+:meth:`LabelSettings.to_dict` goes into ``dataset.json`` and :meth:`LabelSettings.manifest_fields`
+into every manifest line, so a folder always says which settings labelled it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+SETTING = "generator.labels"  # where users set these; errors name it
+
+
+def check_thresholds(tau: float, alpha: float, beta: float, where: str = SETTING) -> None:
+    """Raise on a negative ``tau`` or ``alpha < beta`` (``where`` names the settings in the message)."""
+    if tau < 0:
+        raise ValueError(f"{where}.tau={tau}: the number of self-attention products must be 0 or more")
+    if alpha < beta:
+        raise ValueError(f"{where}.alpha={alpha} < {where}.beta={beta}: pixels with max map >= alpha are labelled and "
+                         "< beta background, so alpha must be >= beta")
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """tau, alpha, beta, the two attention resolutions, the timestep window and the map source.
+
+    Defaults are METHOD.md's: cross-attention at 16, self-attention at 32, ``refined = S^tau A`` with
+    tau 4, label where the max map >= alpha (0.6), background below beta (0.5), uncertain (255) in
+    between, maps averaged over all denoising steps (``window``: a fraction range of the steps).
+    ``class_prompt=False`` takes the maps from the prompt's own class-word tokens (an ablation).
+    """
+
+    tau: int = 4
+    alpha: float = 0.6
+    beta: float = 0.5
+    cross_res: int = 16
+    self_res: int = 32
+    window: tuple[float, float] = (0.0, 1.0)
+    class_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        window = tuple(self.window) if isinstance(self.window, Sequence) else ()
+        if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
+            raise ValueError(f"{SETTING}.window={list(self.window) if isinstance(self.window, Sequence) else self.window}: "
+                             "use fractions [start, end] with 0 <= start < end <= 1 of the denoising steps")
+        object.__setattr__(self, "window", window)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, int):
+            raise ValueError(f"{SETTING}.tau={self.tau!r}: a whole number of self-attention products (0 = no refinement)")
+        for name in ("cross_res", "self_res"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{SETTING}.{name}={value!r}: an attention grid side, a whole number >= 1")
+        check_thresholds(self.tau, self.alpha, self.beta)
+
+    @classmethod
+    def of(cls, value: LabelSettings | Mapping[str, Any] | None, **overrides: Any) -> LabelSettings:
+        """Settings from a ``LabelSettings``, a (config) mapping (its ``_target_`` is ignored) or None (defaults)."""
+        if isinstance(value, cls):
+            return replace(value, **overrides) if overrides else value
+        known = {f.name for f in fields(cls)}
+        given = {k: v for k, v in dict(value or {}).items() if k != "_target_"}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"unknown {SETTING} keys {unknown}: use {sorted(known)}")
+        return cls(**{**given, **overrides})
+
+    def record_steps(self, steps: int) -> range:
+        """The denoising step indices whose attention is averaged."""
+        record = range(math.ceil(self.window[0] * steps), math.ceil(self.window[1] * steps))
+        if not record:
+            raise ValueError(f"{SETTING}.window={list(self.window)} holds none of {steps} steps: widen it or add steps")
+        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ``dataset.json`` (the window as a list, as JSON stores it)."""
+        return {**asdict(self), "window": list(self.window)}
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """What every manifest line records (``maps_from``: the manifest's ``class_prompt`` is the prompt text)."""
+        out = self.to_dict()
+        out["maps_from"] = "class_prompt" if out.pop("class_prompt") else "prompt_tokens"
+        return out
