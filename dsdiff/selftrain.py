@@ -61,7 +61,7 @@ class _Pending(Dataset):
     def __getitem__(self, k: int) -> dict:
         entry = self.data.entries[self.indices[k]]
         try:
-            image, mask = self.data._read(entry)
+            image, mask = self.data.read(entry)
         except Exception as e:  # noqa: BLE001 - an unreadable sample is reported and skipped, never relabelled
             log.warning("pseudo-labels: synthetic sample %s is unreadable (%s): no pseudo-label for it", entry["id"], e)
             return {"entry": entry, "error": str(e)}

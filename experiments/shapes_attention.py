@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--generated", type=int, default=64, help="images to generate (test-split captions)")
     ap.add_argument("--steps", type=int, default=25, help="denoising steps for generated images")
     ap.add_argument("--guidance", default="1,3", help="guidance scales for generated images (comma-separated)")
-    ap.add_argument("--scheduler", default=None, help="sampler for generated images (dsdiff.diffusion.generator."
+    ap.add_argument("--scheduler", default=None, help="sampler for generated images (dsdiff.diffusion.pipeline."
                     "SCHEDULERS, e.g. dpm-solver); default: the model's own (DDIM)")
     ap.add_argument("--sampler-study", action="store_true", help="only compare the generator preset's sampler with "
                     "DPM-Solver++ at --dpm-steps on generated images (label mIoU, time); writes a section of "

@@ -79,7 +79,8 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def _read(self, entry: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, entry: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        """One entry's (image uint8 (3, H, W), mask (H, W)); a file that cannot be read raises, naming it."""
         image_path, mask_path = self.root / entry["image"], self.root / entry["mask"]
         try:
             image = read_rgb(image_path)
@@ -100,7 +101,7 @@ class SyntheticDataset(Dataset):
         for step in range(len(self.entries)):
             entry = self.entries[(index + step) % len(self.entries)]
             try:
-                image, mask = self._read(entry)
+                image, mask = self.read(entry)
                 break
             except Exception as e:  # noqa: BLE001 - any unreadable file is skipped, never fatal mid-epoch
                 self.skipped += 1
