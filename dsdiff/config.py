@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from omegaconf import ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
 
@@ -26,6 +27,11 @@ def asset_path(name: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"no shipped asset {name!r} at {path}: reinstall dsdiff, or rebuild it (`make pretrain`)")
     return str(path)
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved plain container for a DictConfig; anything else as it is."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 def _register_resolvers() -> None:
