@@ -16,11 +16,14 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 from dsdiff.config import config_dir
 from dsdiff.io import write_json_atomic
 from dsdiff.runtime import instantiate_callbacks, instantiate_loggers, log_config, to_float_dict
+from dsdiff.shapes_t2i.net import save_pipeline
 
 log = logging.getLogger("dsdiff")
 
@@ -42,8 +45,6 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("entry_point") != "pretrain":
         raise ValueError(f"this config is for `python -m dsdiff.{cfg.get('entry_point', 'train')}`, not dsdiff.pretrain")
     if cfg.get("threads"):
-        import torch
-
         torch.set_num_threads(int(cfg.threads))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -66,16 +67,12 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     else:
         if ckpt is None:
             raise FileNotFoundError(f"train=false needs a checkpoint: none at {output_dir}/checkpoints/last.ckpt; pass ckpt_path=")
-        import torch
-
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])  # the EMA weights (WeightAveraging saves them there)
         model.on_load_checkpoint(checkpoint)
         steps = int(checkpoint["global_step"])
 
     export_dir = Path(cfg.export_dir)
-    from dsdiff.t2i.model import save_pipeline
-
     save_pipeline(model.to_pipeline(), export_dir)
     metrics.update({"steps": steps, "train_minutes": round(model.train_seconds / 60, 2), "export_dir": str(export_dir)})
     command = "python -m dsdiff.pretrain " + " ".join(cfg.get("overrides", []))
@@ -91,9 +88,6 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
     with open_dict(cfg):
         cfg.overrides = list(HydraConfig.get().overrides.task)
     pretrain(cfg)

@@ -18,7 +18,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsdiff.data.classes import get_class_list
+from omegaconf import OmegaConf
+
+from dsdiff.config import config_dir, to_plain
+from dsdiff.data.classes import COCO_ID_TO_TRAIN_ID, get_class_list
 from dsdiff.diffusion.prompts import (DEFAULT_TEMPLATE, PromptRecord, build_records, fit_prompt, image_key, load_captions,
                                      read_jsonl, write_jsonl)
 from dsdiff.io import write_json_atomic
@@ -43,13 +46,12 @@ Images without captions get a class template ("a photo of a dog and a person; do
 def dataset_image_labels(dataset: str, root: str, split: str) -> dict[str, list[int]]:
     """Image id -> class indices present, read from a VOC or COCO folder."""
     if dataset == "voc":
-        from dsdiff.data.voc import VOCSegmentation
+        from dsdiff.data.voc import VOCSegmentation  # here, not at the top: `--help` stays free of torch
 
         return VOCSegmentation(root, split).image_labels()
     if dataset == "coco":
         # Read the instances JSON only: COCOSegmentation would also render every mask PNG.
-        from dsdiff.data.classes import COCO_ID_TO_TRAIN_ID
-        from dsdiff.data.coco import load_annotations
+        from dsdiff.data.coco import load_annotations  # here, not at the top: `--help` stays free of torch
 
         images, by_image = load_annotations(Path(root).expanduser(), split)
         return {
@@ -79,7 +81,7 @@ def load_tokenizer(path: str):
 # ---- the prompts stage (conf/prompts): what `generate` runs when no prompts file is given ---------
 
 def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dict[str, Path]]:
-    from dsdiff.data.voc import VOCSegmentation
+    from dsdiff.data.voc import VOCSegmentation  # here, not at the top: `--help` stays free of torch
 
     voc = VOCSegmentation(root, split)
     return voc.image_labels(), {name: voc.image_path(name) for name in voc.ids}
@@ -87,8 +89,6 @@ def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dic
 
 def stage_settings(cfg) -> dict:
     """Check ``cfg.prompts`` and return what decides the prompts (its digest names the cache); reads no dataset."""
-    from dsdiff.config import to_plain
-
     p = to_plain(cfg.prompts)
     source, class_list = p.get("source"), str(cfg.data.class_list)
     if source not in ("captions", "templates"):
@@ -180,7 +180,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     crash captions only the images left, then the prompts file is written atomically and the
     partial file renamed to ``<stem>.captions.jsonl`` (a captions file for ``prompts.captions``).
     """
-    from dsdiff.captioner import caption_images
+    from dsdiff.captioner import Captioner, caption_images  # here, not at the top: `--help` stays free of torch
 
     p = cfg.get("prompts")
     if p is None or p.get("source", "templates") == "templates":
@@ -210,8 +210,6 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     captions = plan.get("captions")
     if captions is None:
         if load_captioner is None:
-            from dsdiff.captioner import Captioner
-
             def load_captioner():
                 return Captioner.from_pretrained(settings["captioner"], device=p.get("device", "auto"),
                                                  max_new_tokens=settings["max_new_tokens"])
@@ -307,10 +305,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 def _caption_cli(args: argparse.Namespace) -> Path:
     """``--captioner``: the prompts stage with conf/prompts' defaults and an explicit output file."""
-    from omegaconf import OmegaConf
-
-    from dsdiff.config import config_dir
-
     prompts = OmegaConf.load(config_dir() / "prompts" / "default.yaml")
     overrides = {"source": "captions", "captioner": args.captioner, "split": args.split, "template": args.template,
                  "per_image": args.max_captions, "batch_size": args.batch_size, "device": args.device, "dir": None}

@@ -38,8 +38,8 @@ from dsdiff.diffusion import SyntheticGenerator, attention_to_labels  # noqa: E4
 from dsdiff.diffusion import attention  # noqa: E402
 from dsdiff.diffusion.attention import RecordingAttnProcessor  # noqa: E402
 from dsdiff.diffusion.masks import labels_from_maps, minmax_normalise, refine, upsample  # noqa: E402
-from dsdiff.diffusion.testing import build_sd_shaped_pipeline  # noqa: E402
 from dsdiff.io import write_json_atomic  # noqa: E402
+from dsdiff.testing.tiny_sd import build_sd_shaped_pipeline  # noqa: E402
 
 from _results import write_section  # noqa: E402  (experiments/_results.py)
 
@@ -93,7 +93,7 @@ def build_sd21_pipeline(*, width: int = 320, text_dim: int = 1024, text_layers: 
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dsdiff.diffusion.testing import build_tokenizer
+    from dsdiff.testing.tiny_sd import build_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()

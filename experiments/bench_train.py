@@ -3,7 +3,7 @@
 One run measures, side by side on the same network, batches and optimizer (AdamW with the
 backbone/head parameter groups and the poly schedule of conf/model):
 1. steps/s of a bare PyTorch loop (forward_train, uncertainty-aware CE + 0.4 x aux, backward,
-   step, schedule) vs ``dsdiff.models.segmenter.Segmenter`` under ``lightning.Trainer`` (no
+   step, schedule) vs ``dsdiff.models.system.Segmenter`` under ``lightning.Trainer`` (no
    callbacks, as the bare loop), and vs the Trainer with the training run's callbacks (EMA of
    the weights, lr monitor) and CSV logger. Both read the same pre-made batches, so the data
    pipeline is out of this comparison. Target: Lightning >= 0.95 of the bare loop's steps/s.
@@ -38,7 +38,7 @@ from dsdiff.data.classes import SHAPES_CLASSES, VOC_CLASSES
 from dsdiff.data.datamodule import SegDataModule
 from dsdiff.data.transforms import TrainTransform
 from dsdiff.models.net import SegmentationNet
-from dsdiff.models.segmenter import Segmenter, uncertainty_aware_ce
+from dsdiff.models.system import Segmenter, uncertainty_aware_ce
 from dsdiff.io import write_json_atomic
 
 from _results import write_section  # experiments/_results.py

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 from dsdiff.data.classes import SHAPES_CLASSES  # noqa: E402
 from dsdiff.data.shapes import ShapesDataset  # noqa: E402
 from dsdiff.diffusion import SyntheticGenerator  # noqa: E402
-from dsdiff.t2i.assets import SHAPES_T2I  # noqa: E402
-from dsdiff.t2i.scoring import score_generated, score_real, world_records  # noqa: E402
+from dsdiff.shapes_t2i.assets import SHAPES_T2I  # noqa: E402
+from dsdiff.shapes_t2i.scoring import score_generated, score_real, world_records  # noqa: E402
 from dsdiff.viz import save_sample_grid  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "shapes.md"

@@ -8,7 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dsdiff.data.testing import write_coco_folder, write_voc_folder  # noqa: E402
+from dsdiff.testing.folders import write_coco_folder, write_voc_folder  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,11 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from dsdiff.captioner import clean_caption, save_tiny_blip
+from dsdiff.captioner import clean_caption
 from dsdiff.data.classes import COCO_CLASSES, VOC_CLASSES, class_words
 from dsdiff.diffusion.prompts import read_jsonl
 from dsdiff.prompts import ensure_prompts
+from dsdiff.testing.tiny_blip import save_tiny_blip
 
 PREFIXES = ["a photo of", "a picture of", "an image of"]
 
@@ -197,8 +198,8 @@ def test_a_partial_file_cut_anywhere_resumes_into_valid_lines(tmp_path, voc_expe
 
 
 def test_generate_with_a_missing_captioner_writes_nothing(make_cfg, tmp_path, voc_expected):
-    from dsdiff.diffusion.testing import save_tiny_pipeline
     from dsdiff.generate import generate
+    from dsdiff.testing.tiny_sd import save_tiny_pipeline
 
     # a loadable generator, so that the captioner is what is missing (the generator is checked first)
     tiny_sd = save_tiny_pipeline(tmp_path / "tiny_sd")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dsdiff.diffusion.testing import save_tiny_pipeline
 from dsdiff.selftrain import combine
+from dsdiff.testing.tiny_sd import save_tiny_pipeline
 from dsdiff.train import train
 
 CHAIN = ["+experiment=voc_deeplab", "debug=fast", "synthetic.num_images=4", "generator.num_inference_steps=2",

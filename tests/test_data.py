@@ -10,9 +10,9 @@ from PIL import Image
 from dsdiff.data.classes import COCO_ID_TO_TRAIN_ID, IGNORE_INDEX, SHAPES_CLASSES, get_class_list
 from dsdiff.data.coco import COCOSegmentation
 from dsdiff.data.shapes import ShapesDataset, shape_region
-from dsdiff.data.testing import VOC_FIXTURE_COLORS, write_coco_folder
 from dsdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 from dsdiff.data.voc import VOCSegmentation
+from dsdiff.testing.folders import VOC_FIXTURE_COLORS, write_coco_folder
 
 # ---------------------------------------------------------------- VOC
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dsdiff.captioner import save_tiny_blip
 from dsdiff.data.classes import COCO_CLASSES, VOC_CLASSES, class_words
-from dsdiff.diffusion.testing import save_tiny_pipeline
+from dsdiff.testing.tiny_blip import save_tiny_blip
+from dsdiff.testing.tiny_sd import save_tiny_pipeline
 from dsdiff.train import train
 
 # tiny generation and training, whatever debug=fast sets (other overrides may change it)

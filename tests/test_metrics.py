@@ -4,7 +4,7 @@ import math
 import torch
 
 from dsdiff.models.metrics import iou_metric, mean_iou
-from dsdiff.models.segmenter import uncertainty_aware_ce
+from dsdiff.models.system import uncertainty_aware_ce
 
 
 def test_miou_known_answer_ignores_255_and_absent_classes():

@@ -3,9 +3,9 @@ import csv
 import json
 
 import pytest
-from dsdiff.data.testing import write_voc_folder
 from dsdiff.runs import STAGES_FILE, Stages
 from dsdiff.runtime import TrainBatchGuard, instantiate_loggers
+from dsdiff.testing.folders import write_voc_folder
 from dsdiff.train import train
 
 FAST = ["+experiment=voc_real", "debug=fast", "trainer.max_steps=4", "trainer.val_check_interval=2"]
@@ -214,7 +214,7 @@ def test_chain_killed_in_generate_is_resumed_not_an_older_run(voc_root, tmp_path
     import sys
     import time
 
-    from dsdiff.diffusion.testing import save_tiny_pipeline
+    from dsdiff.testing.tiny_sd import save_tiny_pipeline
 
     tiny_sd = save_tiny_pipeline(tmp_path_factory.mktemp("sd") / "pipeline")
     logs, runs = tmp_path / "logs", tmp_path / "logs" / "voc_deeplab" / "runs"

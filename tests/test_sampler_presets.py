@@ -16,7 +16,7 @@ def test_dpm_preset_changes_only_the_sampler(make_cfg, base):
 
 def test_dpm_sampler_on_the_shipped_model_keeps_its_schedule_and_labels_the_object():
     from dsdiff.diffusion import SyntheticGenerator
-    from dsdiff.t2i.assets import SHAPES_T2I
+    from dsdiff.shapes_t2i.assets import SHAPES_T2I
 
     ddim = SyntheticGenerator.from_pretrained(SHAPES_T2I, SHAPES_CLASSES, device="cpu", cross_res=8, self_res=16)
     gen = SyntheticGenerator.from_pretrained(SHAPES_T2I, SHAPES_CLASSES, device="cpu", scheduler="dpm-solver",

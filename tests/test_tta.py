@@ -86,7 +86,7 @@ class Recording(nn.Module):
 def _segmenter(eval_scale, tta_scales=(1.0,)):
     from functools import partial
 
-    from dsdiff.models.segmenter import Segmenter
+    from dsdiff.models.system import Segmenter
 
     return Segmenter(Recording(), ["a", "b", "c"], optimizer=partial(torch.optim.AdamW, lr=1e-3),
                      eval_scale=eval_scale, tta_scales=tta_scales)

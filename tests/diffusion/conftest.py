@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from dsdiff.diffusion.testing import build_tokenizer, save_tiny_pipeline  # noqa: E402
+from dsdiff.testing.tiny_sd import build_tokenizer, save_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

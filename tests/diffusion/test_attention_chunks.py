@@ -26,7 +26,7 @@ def test_half_precision_inputs_give_fp32_probabilities():
 
 def test_class_keys_are_reused_within_a_batch_and_renewed_for_the_next():
     from dsdiff.diffusion.attention import AttentionStore, recording_processors
-    from dsdiff.diffusion.testing import build_tiny_pipeline
+    from dsdiff.testing.tiny_sd import build_tiny_pipeline
 
     unet = build_tiny_pipeline().unet.eval()
     g = torch.Generator().manual_seed(0)

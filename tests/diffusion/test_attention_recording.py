@@ -4,7 +4,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, attention_layer_sizes, recording_processors
-from dsdiff.diffusion.testing import build_sd_shaped_pipeline, build_tiny_pipeline
+from dsdiff.testing.tiny_sd import build_sd_shaped_pipeline, build_tiny_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from dsdiff.data.classes import VOC_CLASSES
 from dsdiff.diffusion import PromptRecord, SyntheticGenerator
 from dsdiff.diffusion.attention import AttentionStore
-from dsdiff.diffusion.testing import build_tiny_sdxl_pipeline
+from dsdiff.testing.tiny_sd import build_tiny_sdxl_pipeline
 from dsdiff.viz import save_sample_grid
 
 VOC = {name: i for i, name in enumerate(VOC_CLASSES)}

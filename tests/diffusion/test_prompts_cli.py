@@ -64,7 +64,7 @@ def test_help_and_argument_errors(tmp_path):
 
 
 def test_captioner_option_captions_a_voc_folder_and_resumes_only_with_the_same_settings(voc_expected, tmp_path):
-    from dsdiff.captioner import save_tiny_blip
+    from dsdiff.testing.tiny_blip import save_tiny_blip
 
     blip = save_tiny_blip(tmp_path / "blip")
     out = tmp_path / "prompts" / "voc_blip.jsonl"

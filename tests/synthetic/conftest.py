@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dsdiff.diffusion.testing import save_tiny_pipeline
+from dsdiff.testing.tiny_sd import save_tiny_pipeline
 
 # 32px images (16x16 latent): attention at 16x16 and 8x8
 GEN_ARGS = ["generator.num_inference_steps=2", "generator.labels.cross_res=8", "generator.labels.self_res=16",

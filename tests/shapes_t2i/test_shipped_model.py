@@ -10,9 +10,9 @@ from dsdiff.data.classes import SHAPES_CLASSES
 from dsdiff.data.shapes import ShapesDataset
 from dsdiff.diffusion import SyntheticGenerator
 from dsdiff.diffusion.real_images import attention_on_images
-from dsdiff.t2i.assets import SHAPES_T2I
-from dsdiff.t2i.quality import colour_mask
-from dsdiff.t2i.scoring import world_records
+from dsdiff.shapes_t2i.assets import SHAPES_T2I
+from dsdiff.shapes_t2i.quality import colour_mask
+from dsdiff.shapes_t2i.scoring import world_records
 
 # Every pair of the five classes, two seeds each: 20 two-object prompts, 40 class decisions.
 PAIRS = list(combinations(range(1, len(SHAPES_CLASSES)), 2))

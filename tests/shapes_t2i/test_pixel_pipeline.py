@@ -8,7 +8,7 @@ from dsdiff.data.shapes import ShapesDataset
 from dsdiff.diffusion import SyntheticGenerator, load_pipeline
 from dsdiff.diffusion.pixels import latents_to_images, pack, packing_factor, unpack
 from dsdiff.diffusion.real_images import attention_on_images
-from dsdiff.t2i.scoring import world_records
+from dsdiff.shapes_t2i.scoring import world_records
 
 PROMPTS = ["a ball and a leaf; ball leaf", "a ring"]
 

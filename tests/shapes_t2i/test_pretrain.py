@@ -7,7 +7,7 @@ import torch
 from dsdiff.data.classes import SHAPES_CLASSES
 from dsdiff.diffusion import SyntheticGenerator
 from dsdiff.pretrain import pretrain
-from dsdiff.t2i.system import TextToImage
+from dsdiff.shapes_t2i.system import TextToImage
 
 TINY = [
     "model.pipeline.block_out_channels=[8,16]", "model.pipeline.text_dim=16", "model.pipeline.heads=2",
@@ -74,8 +74,8 @@ def test_bad_ckpt_path_names_the_fix(make_cfg):
 
 
 def test_training_texts_mix_the_generator_forms():
-    from dsdiff.t2i.model import build_pipeline
-    from tests.t2i.conftest import TINY as tiny
+    from dsdiff.shapes_t2i.net import build_pipeline
+    from tests.shapes_t2i.conftest import TINY as tiny
 
     torch.manual_seed(0)
     model = TextToImage(build_pipeline(**tiny), optimizer=torch.optim.AdamW)

@@ -3,7 +3,7 @@
 Real images are noised at a few timesteps and labelled from the attention with their
 captions (:func:`dsdiff.diffusion.real_images.attention_on_images`); generated images are
 labelled as the method does (maps averaged over the denoising steps) and scored against
-their colour-derived masks (:func:`dsdiff.t2i.quality.colour_mask`).
+their colour-derived masks (:func:`dsdiff.shapes_t2i.quality.colour_mask`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dsdiff.data.classes import SHAPES_CLASSES
 from dsdiff.data.shapes import ShapesDataset, caption
 from dsdiff.diffusion.prompts import PromptRecord, build_records
 from dsdiff.diffusion.real_images import attention_on_images
-from dsdiff.t2i.quality import QualityTally, colour_mask
+from dsdiff.shapes_t2i.quality import QualityTally, colour_mask
 
 DRAWN_MIN_PIXELS = 8  # a prompted class counts as drawn when this many pixels have its colours
 

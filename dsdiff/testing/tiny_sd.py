@@ -1,17 +1,16 @@
 """Tiny random-weight Stable Diffusion pipelines built offline from configs (tests, benchmarks).
 
 Nothing here downloads: the tokenizer is a real CLIP BPE made from a small vocab and
-merges written here, so class names tokenize as one or several sub-tokens.
+merges (:mod:`dsdiff.diffusion.tokenizer`), so class names tokenize as one or several sub-tokens.
 """
 from __future__ import annotations
 
-import json
-import string
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from dsdiff.diffusion import tokenizer as bpe
 
 # Words merged into single tokens; any other word falls apart into characters (multi-token).
 TINY_WORDS: tuple[str, ...] = (
@@ -22,44 +21,9 @@ TINY_WORDS: tuple[str, ...] = (
 )
 
 
-def write_tokenizer_files(out_dir: str | Path, words: Sequence[str] = TINY_WORDS) -> Path:
-    """Write a CLIP BPE ``vocab.json`` + ``merges.txt``: printable characters plus merges for ``words``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {}
-    merges: list[tuple[str, str]] = []
-
-    def add(token: str) -> None:
-        vocab.setdefault(token, len(vocab))
-
-    chars = [c for c in string.printable if not c.isspace()]
-    for c in chars:
-        add(c)
-    for c in chars:
-        add(c + "</w>")
-    for word in words:
-        seq = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(seq) > 1:
-            pair = (seq[0], seq[1])
-            if pair not in merges:
-                merges.append(pair)
-            seq = [seq[0] + seq[1]] + seq[2:]
-            add(seq[0])
-    add("<|startoftext|>")
-    add("<|endoftext|>")
-    (out_dir / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (out_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out_dir
-
-
 def build_tokenizer(words: Sequence[str] = TINY_WORDS, max_length: int = 77):
     """A real ``CLIPTokenizer`` over a tiny vocabulary."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(tmp, words)
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+    return bpe.build_tokenizer(words, max_length)
 
 
 def build_tiny_pipeline(

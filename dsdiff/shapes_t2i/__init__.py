@@ -2,5 +2,6 @@
 
 It is saved as an ordinary diffusers ``StableDiffusionPipeline`` folder without a VAE (the
 UNet denoises pixels packed by ``pixel_unshuffle``), so the generator loads it through the
-same code path as Stable Diffusion.
+same code path as Stable Diffusion. ``net`` builds the network components, ``system`` is the
+LightningModule that trains them on ``data``; ``quality`` and ``scoring`` measure its attention.
 """

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from dsdiff.diffusion.pixels import pack, packing_factor
+
 
 class TextToImage(L.LightningModule):
     """Trains a pixel-space ``StableDiffusionPipeline``'s UNet and text encoder; ``to_pipeline()`` exports it.
@@ -39,8 +41,6 @@ class TextToImage(L.LightningModule):
         self.tokenizer = pipeline.tokenizer
         self.scheduler = pipeline.scheduler
         self.optimizer_factory = optimizer
-        from dsdiff.diffusion.pixels import packing_factor
-
         self.packing = packing_factor(self.unet.config.in_channels)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.train_seconds = 0.0  # wall time spent in training steps, kept across resumes
@@ -66,8 +66,6 @@ class TextToImage(L.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        from dsdiff.diffusion.pixels import pack
-
         x0 = pack(batch["image"], self.packing)
         noise = torch.randn_like(x0)
         t = torch.randint(0, len(self.alphas_cumprod), (x0.shape[0],), device=self.device)

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
+from dsdiff.diffusion import tokenizer as bpe
 from dsdiff.io import replace_dir
 
 # Words of the shapes world's captions and class prompts; anything else falls apart into characters.
@@ -32,15 +32,9 @@ SHAPES_WORDS: tuple[str, ...] = tuple(class_words(c) for c in SHAPES_CLASSES[1:]
 
 def build_tokenizer(words: Sequence[str] = SHAPES_WORDS, max_length: int = 16):
     """A ``CLIPTokenizer`` whose vocabulary is printable characters plus one token per word in ``words``."""
-    from transformers import CLIPTokenizer
-
-    from dsdiff.diffusion.testing import write_tokenizer_files
-
     if max_length < 4:
         raise ValueError(f"max_length={max_length} leaves no room for a caption: use >= 8 (start + words + end)")
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(tmp, words)
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+    return bpe.build_tokenizer(words, max_length)
 
 
 def build_text_encoder(tokenizer, dim: int = 64, positions: bool = False, seed: int = 0):
