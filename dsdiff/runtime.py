@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
+from dsdiff.runs import chain_of, job_config
+
 log = logging.getLogger("dsdiff")
 
 _WANDB_DIRS = {"WANDB_DIR": ".", "WANDB_CACHE_DIR": "wandb/cache", "WANDB_CONFIG_DIR": "wandb/config", "WANDB_DATA_DIR": "wandb/data"}
@@ -53,8 +55,6 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, stage: s
                 path = Path(output_dir) / sub
                 path.mkdir(parents=True, exist_ok=True)
                 os.environ[var] = str(path)
-    from dsdiff.runs import chain_of
-
     chain = chain_of(output_dir)
     if stage is None and chain is None:
         return _instantiate_group(cfg, "logger")
@@ -147,13 +147,6 @@ def log_config(cfg: DictConfig, loggers: list[Logger]) -> None:
     resolved = OmegaConf.to_container(job_config(cfg), resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
-
-
-def job_config(cfg: DictConfig) -> DictConfig:
-    """The config without Hydra's own node (which only resolves inside a Hydra run)."""
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    plain.pop("hydra", None)
-    return OmegaConf.create(plain)
 
 
 def finish_loggers(loggers: list[Logger]) -> None:
