@@ -11,6 +11,7 @@ uninterrupted run. Several GPUs or nodes: `trainer=ddp trainer.devices=8` (and
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 from dsdiff.config import config_dir
 from dsdiff.generation import generate
 from dsdiff.io import write_json_atomic
-from dsdiff.runtime import finish_loggers, instantiate_loggers, log_config
+from dsdiff.runtime import StageLoggers, instantiate_loggers, log_config
 
 log = logging.getLogger("dsdiff")
 
@@ -27,12 +28,12 @@ log = logging.getLogger("dsdiff")
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
-    loggers = instantiate_loggers(cfg.get("logger"), output_dir)
-    log_config(cfg, loggers)
-    summary = generate(cfg, loggers)
-    write_json_atomic(output_dir / "generation.json", summary)
-    log.info("synthetic dataset: %s", summary)
-    finish_loggers(loggers)
+    with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
+        opened = loggers.open()
+        log_config(cfg, opened)
+        summary = generate(cfg, opened)
+        write_json_atomic(output_dir / "generation.json", summary)
+        log.info("synthetic dataset: %s", summary)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Entry-point plumbing: instantiate callbacks/loggers, log the config, load weights."""
+"""Entry-point plumbing: instantiate callbacks/loggers (and close them), log the config, load weights."""
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,12 +150,35 @@ def log_config(cfg: DictConfig, loggers: list[Logger]) -> None:
         logger.log_hyperparams(resolved)
 
 
-def finish_loggers(loggers: list[Logger]) -> None:
-    """Close W&B runs so that each multirun job gets its own run."""
-    if any(isinstance(logger, WandbLogger) for logger in loggers):
-        import wandb
+class StageLoggers:
+    """The loggers of the stage now running, and the one place they are closed.
 
-        wandb.finish()
+    ``make(stage)`` builds a stage's loggers; :meth:`open` closes the previous stage's first, and
+    leaving the ``with`` block closes the last ones (W&B runs are finished, so that each stage and
+    each multirun job gets its own run).
+    """
+
+    def __init__(self, make: Callable[[str | None], list[Logger]]) -> None:
+        self.make = make
+        self.loggers: list[Logger] = []
+
+    def __enter__(self) -> StageLoggers:
+        return self
+
+    def __exit__(self, error_type: type | None, *rest: object) -> None:
+        self.close(failed=error_type is not None)
+
+    def open(self, stage: str | None = None) -> list[Logger]:
+        self.close()
+        self.loggers = self.make(stage)
+        return self.loggers
+
+    def close(self, failed: bool = False) -> None:
+        if any(isinstance(logger, WandbLogger) for logger in self.loggers):
+            import wandb  # only when W&B is in use
+
+            wandb.finish(exit_code=1 if failed else None)
+        self.loggers = []
 
 
 def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:
