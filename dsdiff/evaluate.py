@@ -8,16 +8,20 @@ the run config is not read and the experiment's settings are used instead. Resul
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dsdiff.chain import test_stage
 from dsdiff.config import config_dir
 from dsdiff.io import write_json_atomic
-from dsdiff.runtime import finish_loggers, instantiate_loggers, load_weights, to_float_dict
+from dsdiff.runtime import StageLoggers, instantiate_loggers
 
 log = logging.getLogger("dsdiff")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -38,8 +42,6 @@ def find_run_config(ckpt_path: str | Path) -> Path | None:
 
 def _overridden(overrides: list[str]) -> list[str]:
     """The config paths the command line set (``model/optimizer=sgd`` -> ``model.optimizer``)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     paths = []
     for override in OverridesParser.create().parse_overrides(overrides):
         path = override.key_or_group.replace("/", ".")
@@ -88,16 +90,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # the checkpoint holds every weight: no pretrained encoder download
     net = {"encoder_weights": None} if "encoder_weights" in cfg.model.get("net", {}) else {}
     model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True), **({"net": net} if net else {}))
-    load_weights(model, cfg.ckpt_path)
-    loggers = instantiate_loggers(cfg.get("logger"), output_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[],
-                                                 default_root_dir=str(output_dir))
-    trainer.test(model, datamodule=datamodule)
-    metrics = to_float_dict(trainer.callback_metrics)
-    print(format_table(metrics))
-    write_json_atomic(output_dir / "metrics.json", {**metrics, "ckpt_path": str(cfg.ckpt_path)})
-    log.info("metrics written to %s", output_dir / "metrics.json")
-    finish_loggers(loggers)
+    with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers.open() or False, callbacks=[],
+                                                     default_root_dir=str(output_dir))
+        metrics = test_stage(model, datamodule, trainer, cfg.ckpt_path)
+        print(format_table(metrics))
+        write_json_atomic(output_dir / "metrics.json", {**metrics, "ckpt_path": str(cfg.ckpt_path)})
+        log.info("metrics written to %s", output_dir / "metrics.json")
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
 
@@ -114,8 +113,6 @@ def format_table(metrics: dict[str, float]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     evaluate(with_run_config(cfg, list(HydraConfig.get().overrides.task)))
 
 

@@ -27,8 +27,8 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from dsdiff.config import config_diff
 from dsdiff.io import write_json_atomic
-from dsdiff.runtime import job_config
 
 log = logging.getLogger("dsdiff")
 STAGES_FILE = "stages.json"
@@ -62,6 +62,13 @@ def _neutral(key: str) -> bool:
     return False
 
 
+def job_config(cfg: DictConfig) -> DictConfig:
+    """The config without Hydra's own node (which only resolves inside a Hydra run)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra", None)
+    return OmegaConf.create(plain)
+
+
 def result_config(cfg: DictConfig) -> dict:
     """The resolved config without the keys in ``NEUTRAL``: what decides a run's results."""
     plain = OmegaConf.to_container(job_config(cfg), resolve=True)
@@ -91,8 +98,6 @@ def identity(cfg: DictConfig) -> dict:
 
 def identity_diff(old: Mapping | None, new: Mapping) -> list[str]:
     """``key: old -> new`` for every result-changing key that differs (task name included)."""
-    from dsdiff.config import config_diff
-
     if not old or "config" not in old:
         return ["<this run recorded no settings: it was made by an older dsdiff>"]
     out = [] if old.get("task_name") == new["task_name"] else [f"task_name: {old.get('task_name')!r} -> {new['task_name']!r}"]

@@ -1,10 +1,11 @@
-"""Entry-point plumbing: instantiate callbacks/loggers, log the config, load weights."""
+"""Entry-point plumbing: instantiate callbacks/loggers (and close them), log the config, load weights."""
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
+
+from dsdiff.runs import chain_of, job_config
 
 log = logging.getLogger("dsdiff")
 
@@ -53,8 +56,6 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, stage: s
                 path = Path(output_dir) / sub
                 path.mkdir(parents=True, exist_ok=True)
                 os.environ[var] = str(path)
-    from dsdiff.runs import chain_of
-
     chain = chain_of(output_dir)
     if stage is None and chain is None:
         return _instantiate_group(cfg, "logger")
@@ -149,19 +150,35 @@ def log_config(cfg: DictConfig, loggers: list[Logger]) -> None:
         logger.log_hyperparams(resolved)
 
 
-def job_config(cfg: DictConfig) -> DictConfig:
-    """The config without Hydra's own node (which only resolves inside a Hydra run)."""
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    plain.pop("hydra", None)
-    return OmegaConf.create(plain)
+class StageLoggers:
+    """The loggers of the stage now running, and the one place they are closed.
 
+    ``make(stage)`` builds a stage's loggers; :meth:`open` closes the previous stage's first, and
+    leaving the ``with`` block closes the last ones (W&B runs are finished, so that each stage and
+    each multirun job gets its own run).
+    """
 
-def finish_loggers(loggers: list[Logger]) -> None:
-    """Close W&B runs so that each multirun job gets its own run."""
-    if any(isinstance(logger, WandbLogger) for logger in loggers):
-        import wandb
+    def __init__(self, make: Callable[[str | None], list[Logger]]) -> None:
+        self.make = make
+        self.loggers: list[Logger] = []
 
-        wandb.finish()
+    def __enter__(self) -> StageLoggers:
+        return self
+
+    def __exit__(self, error_type: type | None, *rest: object) -> None:
+        self.close(failed=error_type is not None)
+
+    def open(self, stage: str | None = None) -> list[Logger]:
+        self.close()
+        self.loggers = self.make(stage)
+        return self.loggers
+
+    def close(self, failed: bool = False) -> None:
+        if any(isinstance(logger, WandbLogger) for logger in self.loggers):
+            import wandb  # only when W&B is in use
+
+            wandb.finish(exit_code=1 if failed else None)
+        self.loggers = []
 
 
 def to_float_dict(metrics: dict[str, Any]) -> dict[str, float]:

@@ -28,7 +28,7 @@ def _die_in_first_stage(monkeypatch):
     def fit_stage(*args, **kwargs):
         raise Died("killed")
 
-    monkeypatch.setattr("dsdiff.train.fit_stage", fit_stage)
+    monkeypatch.setattr("dsdiff.chain.fit_stage", fit_stage)
 
 
 def _csv_steps(path):
