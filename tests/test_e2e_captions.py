@@ -86,7 +86,7 @@ def test_on_the_fly_stream_uses_the_prompts_stage_too(make_cfg, tmp_path, voc_ex
                    output_dir=tmp_path / "run")
     on_the_fly_prompts(cfg)
     stream = hydra.utils.instantiate(cfg.data.train)(transform=None)
-    assert len(stream.records) == 6 * 3  # every train image, one caption per prefix
-    for r in stream.records:
+    assert len(stream.plan.records) == 6 * 3  # every train image, one caption per prefix
+    for r in stream.plan.records:
         labels = voc_expected["labels"][r.image_id]
         assert r.prompt.endswith(_class_part(labels, VOC_CLASSES))
