@@ -78,3 +78,28 @@ def save_sample_grid(samples: Sequence, path: str | Path, class_names: Sequence[
     path.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(samples, class_names).save(path, format="PNG")
     return path
+
+
+def comparison_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], min_side: int = 96) -> Image.Image:
+    """Rows of titled panels, e.g. image | true mask | attention labels; an (H, W) panel is a label map
+    (drawn in the VOC palette, 255 white), an (H, W, 3) panel an RGB image. Panels smaller than
+    ``min_side`` are enlarged by a whole factor (nearest), so 32 px images stay readable."""
+    if not rows:
+        raise ValueError("comparison_grid needs at least one row")
+    drawn = []
+    for panels in rows:
+        pictures = [colorize_labels(p) if np.asarray(p).ndim == 2 else np.asarray(p, dtype=np.uint8) for p in panels]
+        factor = max(1, min_side // max(1, min(min(p.shape[:2]) for p in pictures)))
+        tiles = [_titled(p.repeat(factor, 0).repeat(factor, 1), t) for p, t in zip(pictures, titles)]
+        row = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
+        x = 0
+        for tile in tiles:
+            row.paste(tile, (x, 0))
+            x += tile.width
+        drawn.append(row)
+    grid = Image.new("RGB", (max(r.width for r in drawn), sum(r.height for r in drawn)), "white")
+    y = 0
+    for row in drawn:
+        grid.paste(row, (0, y))
+        y += row.height
+    return grid

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_entry_point_has_a_console_script():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    for name in ("dsdiff-train", "dsdiff-evaluate", "dsdiff-generate", "dsdiff-prompts", "dsdiff-pretrain"):
+    for name in ("dsdiff-train", "dsdiff-evaluate", "dsdiff-generate", "dsdiff-prompts", "dsdiff-pretrain", "dsdiff-score-labels"):
         module, func = scripts[name].split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
     modules = {p.stem for p in (ROOT / "dsdiff").glob("*.py") if "__main__" in p.read_text()}

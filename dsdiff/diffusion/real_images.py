@@ -34,12 +34,14 @@ def attention_on_images(
     *,
     seed: int = 0,
     return_attention: bool = False,
+    class_prompt: bool = True,
 ) -> list[Sample]:
     """Label maps for B given images from attention averaged over ``timesteps`` (each a noised copy).
 
     ``images`` is uint8 (B, H, W, 3); ``prompts[i]`` is image i's text (its classes are found
     in it, or given by a PromptRecord). The text conditions the UNet; the class prompt gives
-    the maps, as in generation. Noise is drawn from ``seed``, one draw per timestep.
+    the maps, as in generation (``class_prompt=False``: the text's own class-word tokens give them,
+    the ablation). Noise is drawn from ``seed``, one draw per timestep.
     """
     images = torch.as_tensor(np.asarray(images))
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
@@ -51,7 +53,7 @@ def attention_on_images(
     pipe, device = gen.pipe, gen.device
     height, width = images.shape[1:3]
     requests = gen.requests(prompts)
-    with gen.recording(requests, height, width, class_prompt=True) as rec:
+    with gen.recording(requests, height, width, class_prompt=class_prompt) as rec:
         text_embeds = gen.encode([r.text for r in requests])
         pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
         latents = encode_images(pipe, pixels).to(pipe.unet.dtype)
