@@ -11,7 +11,6 @@ uninterrupted run. Several GPUs or nodes: `trainer=ddp trainer.devices=8` (and
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
 from dsdiff.io import write_json_atomic
 from dsdiff.prompts import ensure_prompts
-from dsdiff.runtime import StageLoggers, instantiate_loggers, log_config
+from dsdiff.runtime import job_loggers
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
 from dsdiff.synthetic.store import check_output_dir
@@ -55,10 +54,8 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
-    with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
-        opened = loggers.open()
-        log_config(cfg, opened)
-        summary = generate(cfg, opened)
+    with job_loggers(cfg, output_dir) as loggers:
+        summary = generate(cfg, loggers)
         write_json_atomic(output_dir / "generation.json", summary)
         log.info("synthetic dataset: %s", summary)
 

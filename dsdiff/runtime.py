@@ -5,7 +5,9 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +241,12 @@ def weights_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
                      + f" and {len(unexpected)} of its weights are unknown to the model"
                      + (f" (e.g. {unexpected[0]})" if unexpected else "") + ": another architecture")
     return "; ".join(parts)
+
+
+@contextmanager
+def job_loggers(cfg: DictConfig, output_dir: str | Path) -> Iterator[list[Logger]]:
+    """The loggers of a one-stage job (generate, score_labels), the config logged to them; closed on exit."""
+    with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
+        opened = loggers.open()
+        log_config(cfg, opened)
+        yield opened

@@ -14,7 +14,6 @@ returned objective (`labels/objective`).
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
 from dsdiff.io import write_json_atomic
-from dsdiff.runtime import StageLoggers, instantiate_loggers, log_config
+from dsdiff.runtime import job_loggers
 from dsdiff.score.plan import (ScoreSettings, check_generator, results_config, results_dir, score_groups, scored_timesteps,
                                select_items, train_timesteps)
 from dsdiff.score.predict import ScoreModule, checked_rows, images_per_class, run_scoring
@@ -96,10 +95,8 @@ def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]
 def main(cfg: DictConfig) -> float:
     """Returns the sweep objective (``labels/objective``; see conf/hparams_search/labels_optuna.yaml)."""
     output_dir = Path(cfg.paths.output_dir)
-    with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
-        opened = loggers.open()
-        log_config(cfg, opened)
-        result = score_labels(cfg, opened)
+    with job_loggers(cfg, output_dir) as loggers:
+        result = score_labels(cfg, loggers)
     log.info("label scores: mIoU %s, uncertain %s, pointing %s, right-object %s (%s)", result["labels/mIoU"],
              result["labels/uncertain"], result["labels/pointing"], result["labels/right_object"], output_dir / "label_scores.json")
     return float(result["labels/objective"])

@@ -59,17 +59,21 @@ def sample_row(
     return row
 
 
+def stack_rows(rows: Sequence[Image.Image]) -> Image.Image:
+    """Row pictures one under the other, left-aligned on white."""
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        grid.paste(row, (0, y))
+        y += row.height
+    return grid
+
+
 def sample_grid(samples: Sequence, class_names: Sequence[str] | None = None) -> Image.Image:
     """Rows of :func:`sample_row` for objects with ``image, class_maps, label, class_ids`` (e.g. ``Sample``)."""
     if not samples:
         raise ValueError("sample_grid needs at least one sample")
-    rows = [sample_row(s.image, s.class_maps, s.label, s.class_ids, class_names) for s in samples]
-    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height
-    return grid
+    return stack_rows([sample_row(s.image, s.class_maps, s.label, s.class_ids, class_names) for s in samples])
 
 
 def save_sample_grid(samples: Sequence, path: str | Path, class_names: Sequence[str] | None = None) -> Path:
@@ -97,9 +101,4 @@ def comparison_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str],
             row.paste(tile, (x, 0))
             x += tile.width
         drawn.append(row)
-    grid = Image.new("RGB", (max(r.width for r in drawn), sum(r.height for r in drawn)), "white")
-    y = 0
-    for row in drawn:
-        grid.paste(row, (0, y))
-        y += row.height
-    return grid
+    return stack_rows(drawn)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,17 +113,16 @@ def build_pipeline(
     *,
     words: Sequence[str] = SHAPES_WORDS,
     max_length: int = 16,
-    image_size: int = 32,
-    packing: int = 2,
-    block_out_channels: Sequence[int] = (32, 64),
-    layers_per_block: int = 1,
     text_dim: int = 64,
-    heads: int = 4,
-    norm_num_groups: int = 16,
     positions: bool = False,
     seed: int = 0,
+    **unet: Any,
 ):
-    """A random-weight ``StableDiffusionPipeline`` with ``vae=None`` (pixel space)."""
+    """A random-weight ``StableDiffusionPipeline`` with ``vae=None`` (pixel space).
+
+    ``unet``: :func:`build_unet`'s other arguments (image_size, packing, block_out_channels,
+    layers_per_block, heads, norm_num_groups); ``text_dim`` and ``seed`` serve both networks.
+    """
     from diffusers import StableDiffusionPipeline
 
     tokenizer = build_tokenizer(words, max_length)
@@ -130,7 +130,7 @@ def build_pipeline(
         vae=None,
         text_encoder=build_text_encoder(tokenizer, text_dim, positions, seed),
         tokenizer=tokenizer,
-        unet=build_unet(image_size, packing, block_out_channels, layers_per_block, text_dim, heads, norm_num_groups, seed),
+        unet=build_unet(text_dim=text_dim, seed=seed, **unet),
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,

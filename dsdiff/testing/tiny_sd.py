@@ -40,7 +40,7 @@ def build_tiny_pipeline(
     The VAE halves the image (64 -> 32 latent); the UNet runs attention at 32x32 (N=1024)
     and 16x16, so dsdiff's defaults (self_res=32, cross_res=16) apply as for SD at 512px.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -81,6 +81,13 @@ def build_tiny_pipeline(
             pad_token_id=tokenizer.pad_token_id,
         )
     )
+    return _sd_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def _sd_pipeline(vae, text_encoder, tokenizer, unet):
+    """A ``StableDiffusionPipeline`` of the given parts with SD's DDIM schedule, no safety checker, no progress bar."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -103,7 +110,7 @@ def save_tiny_pipeline(out_dir: str | Path, **kwargs) -> Path:
 def build_sd_shaped_pipeline(width: int = 32, image_size: int = 512, text_dim: int = 64, seed: int = 0):
     """Stable Diffusion 1.x block layout (3 cross-attention down blocks + 1 plain, 2 layers per
     block, 8 heads, mid block with cross-attention) at reduced width, for CPU benchmarks."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -136,16 +143,7 @@ def build_sd_shaped_pipeline(width: int = 32, image_size: int = 512, text_dim: i
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sd_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0):
