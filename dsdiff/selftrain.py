@@ -4,7 +4,11 @@
 
 - ``replace`` (the paper): every pixel takes the prediction;
 - ``fill_uncertain``: only uncertain (255) pixels of the current labels take the prediction;
-- ``confident``: the prediction where its softmax confidence >= ``selftrain.threshold``, else 255.
+- ``confident``: the prediction where its softmax confidence >= ``selftrain.threshold``, else 255;
+- ``agree``: the attention label where the prediction agrees with it, the prediction where the
+  attention label was uncertain and the prediction is confident (>= ``selftrain.threshold``), 255
+  elsewhere: the teacher fills the uncertainty band but never overrules a certain label it disagrees
+  with (so the band is kept where teacher and attention disagree).
 
 ``selftrain.tta=true`` predicts with test-time augmentation. Pseudo-labels go into a synthetic
 folder of their own (masks + manifest; images stay where they are) with the same atomic,
@@ -34,7 +38,8 @@ from dsdiff.synthetic.store import SyntheticStore, summarize
 from dsdiff.data.transforms import EvalTransform
 
 log = logging.getLogger("dsdiff")
-MODES = ("replace", "fill_uncertain", "confident")
+MODES = ("replace", "fill_uncertain", "confident", "agree")
+THRESHOLD_MODES = ("confident", "agree")  # the modes that read selftrain.threshold
 
 
 def combine(pred: torch.Tensor, confidence: torch.Tensor, current: torch.Tensor, mode: str, threshold: float = 0.9) -> torch.Tensor:
@@ -45,6 +50,10 @@ def combine(pred: torch.Tensor, confidence: torch.Tensor, current: torch.Tensor,
         return torch.where(current == IGNORE_INDEX, pred, current)
     if mode == "confident":
         return torch.where(confidence >= threshold, pred, torch.full_like(pred, IGNORE_INDEX))
+    if mode == "agree":
+        uncertain = torch.full_like(pred, IGNORE_INDEX)
+        filled = torch.where((current == IGNORE_INDEX) & (confidence >= threshold), pred, uncertain)
+        return torch.where((current != IGNORE_INDEX) & (pred == current), current, filled)
     raise ValueError(f"selftrain.mode={mode!r}: use one of {MODES}")
 
 
@@ -164,7 +173,7 @@ def pseudo_label(segmenter: L.LightningModule, source: str | Path, out: str | Pa
     """
     source_cfg = SyntheticStore(source).read_config() or {}
     config = {"class_names": source_cfg.get("class_names"), "source": str(Path(source).resolve()),
-              "selftrain": {"mode": mode, "threshold": threshold if mode == "confident" else None, "tta": tta},
+              "selftrain": {"mode": mode, "threshold": threshold if mode in THRESHOLD_MODES else None, "tta": tta},
               "checkpoint": checkpoint}
     store = SyntheticStore(out)
     store.check_config(config)

@@ -209,6 +209,10 @@ def test_selftrain_modes():
     assert combine(pred, conf, current, "replace").tolist() == [[1, 2], [3, 0]]
     assert combine(pred, conf, current, "fill_uncertain").tolist() == [[1, 2], [0, 0]]
     assert combine(pred, conf, current, "confident", 0.9).tolist() == [[1, 255], [3, 255]]
+    # agree: kept where the teacher agrees (1), dropped where it overrules a certain label (0 vs 3), the band
+    # filled only where the teacher is confident (2 at 0.5: no; 0 at 0.2: no)
+    assert combine(pred, conf, current, "agree", 0.9).tolist() == [[1, 255], [255, 255]]
+    assert combine(pred, conf, current, "agree", 0.4).tolist() == [[1, 2], [255, 255]]
     with pytest.raises(ValueError, match="selftrain.mode"):
         combine(pred, conf, current, "bogus")
 
