@@ -5,11 +5,17 @@ reads each run's metrics.json, and writes the segmentation section of
 experiments/results/shapes.md (between `<!-- segmentation -->` markers; the attention section
 written by experiments/shapes_attention.py is kept):
 
-    python experiments/shapes_study.py                       # every variant, 1000 images, 300 steps
+    python experiments/shapes_study.py                       # every variant, 1000 images, 300 steps, 1 seed
+    python experiments/shapes_study.py --seeds 3             # 3 training seeds each: mean, sd, paired 95% intervals
     python experiments/shapes_study.py --images 2000 --steps 600 --variants full real
 
 Variants that share generation settings share a synthetic folder (`images_4x` extends the
-`full` folder; training reads samples 0..N-1 of it).
+`full` folder; training reads samples 0..N-1 of it). With ``--seeds N`` every variant trains with
+seeds ``--seed``, ``--seed + 1``, ...; the synthetic folders are the same for every seed, so the
+spread is the training's. Each ablation is compared with ``full`` seed by seed (a paired 95% t
+interval over the per-seed differences), and the table says "better", "worse" or "no evidence"
+from that interval. Every run keeps its own dir (``runs/<variant>-s<seed>``), so an interrupted
+study resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _stats import mean_sd, paired_interval, verdict
 
 RESULTS = Path(__file__).parent / "results" / "shapes.md"
 START, END = "<!-- segmentation:start -->", "<!-- segmentation:end -->"
@@ -34,13 +42,14 @@ VARIANTS = {
     "no_band": (["generator.labels.alpha=0.5", "generator.labels.beta=0.5"], "noband", "no uncertainty band: worse"),
     "caption_tokens": (["generator.labels.class_prompt=false"], "captok", "caption tokens instead of the class prompt: worse"),
     "no_selftrain": (["selftrain.rounds=0"], "base", "no self-training: worse"),
+    "selftrain_agree": (["selftrain.mode=agree"], "base", "(not the paper's) self-training that keeps agreeing labels, fills the band"),
     "images_4x": (["synthetic.num_images={images4}"], "base", "4x the synthetic images: better"),
 }
 
 
-def run_variant(name: str, args, out: Path) -> dict:
+def run_variant(name: str, seed: int, args, out: Path) -> dict:
     overrides, folder, _ = VARIANTS[name]
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / f"{name}-s{seed}"
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file() and not args.rerun:
         return json.loads(metrics_file.read_text())
@@ -49,53 +58,76 @@ def run_variant(name: str, args, out: Path) -> dict:
         cmd += ["+experiment=shapes_deeplab", f"synthetic.num_images={args.images}", f"synthetic.dir={out / 'synthetic' / folder}"]
     cmd += [o.format(images4=4 * args.images) for o in overrides]
     cmd += [f"max_steps={args.steps}", f"val_every={max(1, args.steps // 3)}", f"hydra.run.dir={run_dir}",
-            f"paths.data_dir={out / 'data'}", "logger=csv", f"seed={args.seed}"]
+            f"paths.data_dir={out / 'data'}", "logger=csv", f"seed={seed}"]
     if "resume" not in " ".join(cmd) and (run_dir / "stages.json").is_file():
         cmd.append(f"resume={run_dir}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     t0 = time.time()
-    print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+    print(f"[{name} seed {seed}] {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "logs" / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    log_file = out / "logs" / f"{name}-s{seed}.log"
+    log_file.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"variant {name} failed (log: {out / 'logs' / f'{name}.log'}):\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"variant {name} seed {seed} failed (log: {log_file}):\n{proc.stderr[-2000:]}")
     metrics = json.loads(metrics_file.read_text())
     metrics["minutes"] = round((time.time() - t0) / 60, 1)
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"[{name}] test/mIoU {metrics.get('test/mIoU'):.3f}  TTA {metrics.get('test/mIoU_tta'):.3f}  "
+    print(f"[{name} seed {seed}] test/mIoU {metrics.get('test/mIoU'):.3f}  TTA {metrics.get('test/mIoU_tta'):.3f}  "
           f"({metrics['minutes']} min)", flush=True)
     return metrics
 
 
-def table(results: dict[str, dict], args) -> str:
-    real = results.get("real", {}).get("test/mIoU")
-    full = results.get("full", {})
+def _cell(values: list[float]) -> str:
+    mean, sd = mean_sd(values)
+    return f"{100 * mean:.1f}" + ("" if sd is None else f" ± {100 * sd:.1f}")
+
+
+def table(results: dict[str, list[dict]], args) -> str:
+    """``results[variant]``: one metrics dict per seed, in seed order."""
+    def col(name, key):
+        return [m[key] for m in results.get(name, []) if m.get(key) is not None]
+
+    seeds = [args.seed + k for k in range(args.seeds)]
     rows = [
         START,
         "## Segmentation: synthetic-only vs real labels, and ablations",
         "",
-        f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps}`: "
+        f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}`: "
         f"each variant trains the small DeepLabV3+ of `shapes_deeplab` for {args.steps} steps per stage on "
-        f"{args.images} synthetic images (images_4x: {4 * args.images}), seed {args.seed}, and tests on the "
-        "real shapes test split (500 images). `real` trains on the true train labels instead.",
+        f"{args.images} synthetic images (images_4x: {4 * args.images}), training seeds {seeds} (the synthetic "
+        "folders are the same for every seed), and tests on the real shapes test split (500 images). `real` "
+        "trains on the true train labels instead. Cells are the mean ± sd over seeds; 'vs full' is the mean "
+        "per-seed difference in plain test mIoU (points) with its paired 95% t interval, and the verdict reads "
+        "that interval (one seed: no interval, no verdict).",
         "",
-        "| variant | test mIoU | test mIoU (TTA) | vs full | synthetic/real | minutes | paper's claim |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| variant | seeds | test mIoU | test mIoU (TTA) | vs full [95% CI] | verdict | synthetic/real | minutes | paper's claim |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
-    for name, metrics in results.items():
-        miou, tta = metrics.get("test/mIoU"), metrics.get("test/mIoU_tta")
-        delta = "" if name in ("full", "real") or "test/mIoU" not in full else f"{100 * (miou - full['test/mIoU']):+.1f}"
-        ratio = "" if name == "real" or not real else f"{miou / real:.3f}"
-        rows.append(f"| {name} | {100 * miou:.1f} | {100 * tta:.1f} | {delta} | {ratio} | {metrics.get('minutes', '')} | {VARIANTS[name][2]} |")
+    full, real = col("full", "test/mIoU"), col("real", "test/mIoU")
+    for name, runs in results.items():
+        miou, tta = col(name, "test/mIoU"), col(name, "test/mIoU_tta")
+        if not miou:
+            continue
+        delta, call = "", ""
+        if name not in ("full", "real") and full:
+            n = min(len(miou), len(full))
+            if n >= 2:
+                mean, low, high = paired_interval(miou[:n], full[:n])
+                delta, call = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]", verdict(low, high)
+            else:
+                delta = f"{100 * (miou[0] - full[0]):+.1f}"
+        ratio = "" if name == "real" or not real else f"{mean_sd(miou)[0] / mean_sd(real)[0]:.3f}"
+        minutes = round(sum(m.get("minutes", 0) or 0 for m in runs), 1)
+        rows.append(f"| {name} | {len(miou)} | {_cell(miou)} | {_cell(tta)} | {delta} | {call} | {ratio} | {minutes} | {VARIANTS[name][2]} |")
     if full and real:
-        rows += ["", f"Synthetic-only / real-label mIoU: {full['test/mIoU'] / real:.3f} plain, "
-                     f"{full['test/mIoU_tta'] / results['real']['test/mIoU_tta']:.3f} with TTA (target >= 0.85). "
-                     f"TTA changes the full method's mIoU by {100 * (full['test/mIoU_tta'] - full['test/mIoU']):+.1f}."]
-    rows += ["", "'vs full' is the change in plain test mIoU (points) against the full method; a negative number "
-                 "means the ablated part helps here, as the paper claims.", END]
+        full_tta, real_tta = col("full", "test/mIoU_tta"), col("real", "test/mIoU_tta")
+        rows += ["", f"Synthetic-only / real-label mIoU (means): {mean_sd(full)[0] / mean_sd(real)[0]:.3f} plain, "
+                     f"{mean_sd(full_tta)[0] / mean_sd(real_tta)[0]:.3f} with TTA (target >= 0.90 with TTA)."]
+    rows += ["", "'better' / 'worse': the variant's interval against full lies wholly above / below zero. For an "
+                 "ablation that removes a part, 'worse' is evidence that the part helps, as the paper claims.", END]
     return "\n".join(rows)
 
 
@@ -113,16 +145,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="the first training seed")
+    parser.add_argument("--seeds", type=int, default=1, help="training seeds per variant (2 or more for intervals)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("logs/shapes_study"))
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: leave as is)")
     parser.add_argument("--rerun", action="store_true", help="run variants again even if they have metrics")
     args = parser.parse_args()
-    results = {}
-    for name in args.variants:
-        results[name] = run_variant(name, args, args.out.resolve())
-        write_section(table(results, args))  # a partial table survives an interrupted study
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: use 1 or more")
+    results: dict[str, list[dict]] = {}
+    for seed in range(args.seed, args.seed + args.seeds):  # seed by seed: a partial study already pairs every variant
+        for name in args.variants:
+            results.setdefault(name, []).append(run_variant(name, seed, args, args.out.resolve()))
+            write_section(table(results, args))  # a partial table survives an interrupted study
     print(table(results, args))
     print(f"wrote {RESULTS}")
 
