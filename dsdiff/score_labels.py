@@ -33,7 +33,6 @@ from dsdiff.score.report import label_metrics, save_overlay_grid
 from dsdiff.score.store import ScoreStore
 
 log = logging.getLogger("dsdiff")
-GENERATOR_KEYS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
 
 
 def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
@@ -57,10 +56,7 @@ def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]
     store.check_settings(config)
 
     def build(device) -> SyntheticGenerator:
-        return SyntheticGenerator.from_pretrained(
-            generator["model"], class_names, dtype=generator.get("dtype", "auto"), device=device,
-            scheduler=generator.get("scheduler"), labels=labels,
-            **{k: generator[k] for k in GENERATOR_KEYS if generator.get(k) is not None})
+        return SyntheticGenerator.from_settings(generator, class_names, device, labels=labels)
 
     def make_trainer(callbacks: list):
         return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -34,6 +34,8 @@ from dsdiff.diffusion.prompts import PromptRecord, class_token_spans, find_class
 from dsdiff.diffusion.settings import LabelSettings
 
 log = logging.getLogger(__name__)
+# the generator config keys that are sampling arguments of SyntheticGenerator (None: the pipeline's own)
+SAMPLING_ARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
 
 
 @dataclass
@@ -132,6 +134,18 @@ class SyntheticGenerator:
         pipe = load_pipeline(model, dtype=resolve_dtype(dtype, device), safety_checker=safety_checker)
         set_scheduler(pipe, scheduler)
         return cls(pipe.to(device), class_names, model_id=str(model), labels=labels, **kwargs)
+
+    @classmethod
+    def from_settings(cls, generator: Mapping[str, Any], class_names: Sequence[str], device: str | torch.device | None = None,
+                      labels: LabelSettings | None = None) -> SyntheticGenerator:
+        """Load from a plain ``generator`` config node (conf/generator): model, dtype, scheduler, safety checker,
+        the sampling settings it sets, and ``labels`` (default: its ``generator.labels``)."""
+        sampling = {k: generator[k] for k in SAMPLING_ARGS if generator.get(k) is not None}
+        return cls.from_pretrained(
+            generator["model"], class_names, dtype=generator.get("dtype", "auto"), device=device,
+            scheduler=generator.get("scheduler"), safety_checker=bool(generator.get("safety_checker", False)),
+            labels=labels if labels is not None else LabelSettings.of(generator.get("labels")), **sampling,
+        )
 
     @property
     def device(self) -> torch.device:

@@ -170,9 +170,4 @@ class GenerationPlan:
 
     def build_generator(self, device: torch.device) -> SyntheticGenerator:
         """Load the pipeline onto ``device`` with these settings."""
-        g = self.generator
-        kwargs = {k: g[k] for k in ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width") if g.get(k) is not None}
-        return SyntheticGenerator.from_pretrained(
-            g["model"], self.class_names, dtype=g.get("dtype", "auto"), device=device, scheduler=g.get("scheduler"),
-            safety_checker=bool(g.get("safety_checker", False)), labels=self.labels, **kwargs,
-        )
+        return SyntheticGenerator.from_settings(self.generator, self.class_names, device, labels=self.labels)
