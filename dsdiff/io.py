@@ -152,9 +152,18 @@ def repair_tail(path: Path) -> None:
         log.warning("%s ended in a torn line (a writer killed mid-line): cut it off", path)
 
 
-def append_line_synced(path: Path, line: str) -> None:
-    """Append one line and sync it to disk: once this returns, the line survives a kill."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class ShardAppender:
+    """Appends lines to JSONL shards, each synced to disk (once written, a line survives a kill). Before
+    its first append to a shard, a torn last line that a killed writer left is cut off, once per shard."""
+
+    def __init__(self) -> None:
+        self._repaired: set[Path] = set()
+
+    def append(self, path: Path, line: str) -> None:
+        if path not in self._repaired:
+            repair_tail(path)
+            self._repaired.add(path)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -15,9 +15,8 @@ import numpy as np
 from PIL import Image
 
 from dsdiff.config import config_diff
-from dsdiff.data.classes import flat_palette
-from dsdiff.io import (append_line_synced, file_problem, read_jsonl_lines, repair_tail, save_image_atomic,
-                       write_json_atomic, write_text_atomic)
+from dsdiff.io import ShardAppender, file_problem, read_jsonl_lines, write_json_atomic, write_text_atomic
+from dsdiff.synthetic.store import save_label_png
 
 
 class ScoreStore:
@@ -25,6 +24,7 @@ class ScoreStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._shards = ShardAppender()
 
     @property
     def settings_path(self) -> Path:
@@ -63,12 +63,8 @@ class ScoreStore:
 
     def write(self, row: dict, label: np.ndarray, tag: str) -> None:
         """Store one image's label map, then its line in this process's shard."""
-        png = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="L")
-        png.putpalette(flat_palette())
-        save_image_atomic(png, self.label_path(row["name"]), format="PNG")
-        shard = self.root / f"scores.{tag}.jsonl"
-        repair_tail(shard)
-        append_line_synced(shard, json.dumps(row))
+        save_label_png(label, self.label_path(row["name"]))
+        self._shards.append(self.root / f"scores.{tag}.jsonl", json.dumps(row))
 
     def compact(self) -> None:
         """Merge the shards into ``scores.jsonl`` (sorted by position), atomically, then drop them."""

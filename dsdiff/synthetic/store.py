@@ -34,7 +34,7 @@ from PIL import Image
 
 from dsdiff.config import config_diff
 from dsdiff.data.classes import IGNORE_INDEX, flat_palette
-from dsdiff.io import (append_line_synced, atomic_path, file_problem, read_jsonl_lines, repair_tail, save_image_atomic,
+from dsdiff.io import (ShardAppender, atomic_path, file_problem, read_jsonl_lines, save_image_atomic,
                        stale_tmp_files, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("dsdiff")
@@ -68,7 +68,7 @@ class SyntheticStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
-        self._repaired: set[Path] = set()  # shards whose torn last line (a killed writer) was cut this session
+        self._shards = ShardAppender()
 
     # -- configuration -------------------------------------------------------------------------
     @property
@@ -170,10 +170,7 @@ class SyntheticStore:
     # -- writing -------------------------------------------------------------------------------
     def _append(self, stem: str, tag: str, row: Mapping) -> None:
         path = self.root / f"{stem}.{tag}.jsonl"
-        if path not in self._repaired:
-            repair_tail(path)
-            self._repaired.add(path)
-        append_line_synced(path, json.dumps({**dict(row), "time": round(time.time(), 6)}, ensure_ascii=False))
+        self._shards.append(path, json.dumps({**dict(row), "time": round(time.time(), 6)}, ensure_ascii=False))
 
     def write_sample(
         self,
