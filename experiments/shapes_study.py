@@ -43,6 +43,7 @@ VARIANTS = {
     "caption_tokens": (["generator.labels.class_prompt=false"], "captok", "caption tokens instead of the class prompt: worse"),
     "no_selftrain": (["selftrain.rounds=0"], "base", "no self-training: worse"),
     "selftrain_agree": (["selftrain.mode=agree"], "base", "(not the paper's) self-training that keeps agreeing labels, fills the band"),
+    "selftrain_agree_tta": (["selftrain.mode=agree", "selftrain.tta=true"], "base", "(not the paper's) agree, the teacher predicting with TTA"),
     "images_4x": (["synthetic.num_images={images4}"], "base", "4x the synthetic images: better"),
 }
 
