@@ -43,3 +43,47 @@ def verdict(low: float, high: float) -> str:
     if high < 0:
         return "worse"
     return "no evidence"
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties given their average rank (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        raise ValueError("a correlation needs values that vary in both lists")
+    return sxy / math.sqrt(sxx * syy)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's r of the (tie-averaged) ranks."""
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"spearman needs two equally long lists of at least 3 values, got {len(x)} and {len(y)}")
+    return pearson(ranks(x), ranks(y))
+
+
+def spearman_p(x: Sequence[float], y: Sequence[float]) -> float:
+    """One-sided exact permutation p-value of rho >= the observed one (all n! orderings; n <= 8)."""
+    import itertools
+
+    if len(x) > 8:
+        raise ValueError(f"the exact permutation test enumerates n! orderings: n = {len(x)} is over 8")
+    rx, ry = ranks(x), ranks(y)
+    observed = pearson(rx, ry)
+    perms = list(itertools.permutations(ry))
+    hits = sum(1 for p in perms if pearson(rx, p) >= observed - 1e-12)
+    return hits / len(perms)

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _stats import mean_sd, paired_interval, verdict
+from _stats import mean_sd, paired_interval, spearman, spearman_p, verdict
 
 RESULTS = Path(__file__).parent / "results" / "shapes.md"
 START, END = "<!-- segmentation:start -->", "<!-- segmentation:end -->"
@@ -48,6 +48,73 @@ VARIANTS = {
 }
 
 
+# variants that change only how attention becomes labels: `--score-labels` scores each on the tune split
+LABELLING = [name for name, (overrides, folder, _) in VARIANTS.items()
+             if name == "full" or (folder is not None and overrides and all(o.startswith("generator.labels.") for o in overrides))]
+
+
+def _run(cmd: list[str], args, log_file: Path, what: str) -> float:
+    """Run one job with the study's environment, keep its log; returns its minutes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    t0 = time.time()
+    print(f"[{what}] {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    log_file.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (log: {log_file}):\n{proc.stderr[-2000:]}")
+    return round((time.time() - t0) / 60, 1)
+
+
+def score_variant(name: str, args, out: Path) -> dict:
+    """``python -m dsdiff.score_labels`` with the variant's labelling settings: its label_scores.json."""
+    run_dir = out / "scores" / name
+    result_file = run_dir / "label_scores.json"
+    if result_file.is_file() and not args.rerun:
+        return json.loads(result_file.read_text())
+    cmd = [sys.executable, "-m", "dsdiff.score_labels", "+experiment=shapes_deeplab", *VARIANTS[name][0],
+           f"score.images={args.score_images}", f"score.dir={out / 'scores' / 'results'}", f"hydra.run.dir={run_dir}",
+           f"paths.data_dir={out / 'data'}", "logger=csv"]
+    minutes = _run(cmd, args, out / "logs" / f"score-{name}.log", f"score {name}")
+    result = json.loads(result_file.read_text())
+    result["minutes"] = minutes
+    result_file.write_text(json.dumps(result, indent=2, sort_keys=True))
+    print(f"[score {name}] labels/mIoU {result['labels/mIoU']:.3f}  uncertain {result['labels/uncertain']:.3f} ({minutes} min)",
+          flush=True)
+    return result
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def correlation_table(scores: dict[str, dict], results: dict[str, list[dict]], args) -> list[str]:
+    """labels/mIoU (tune split, minutes) against the segmenter's mean test mIoU (hours): is the cheap score a proxy?"""
+    names = [n for n in scores if results.get(n)]
+    rows = ["", "### Label scores as a proxy for the segmenter",
+            "",
+            f"`python experiments/shapes_study.py --score-labels --score-images {args.score_images}` runs "
+            f"`python -m dsdiff.score_labels +experiment=shapes_deeplab <variant's overrides> score.images={args.score_images}` "
+            "for every variant that changes only the labelling settings: the first tune (val) images, noised at t = "
+            "100/300/500, labelled with the variant's settings and scored against the true masks. The segmenter "
+            "column is the table above's mean plain test mIoU.",
+            "",
+            "| variant | labels/mIoU | uncertain | pointing | right_object | segmenter test mIoU (mean) | minutes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in names:
+        s, seg = scores[n], mean_sd([m["test/mIoU"] for m in results[n]])[0]
+        rows.append(f"| {n} | {_fmt(s['labels/mIoU'])} | {_fmt(s['labels/uncertain'])} | {_fmt(s.get('labels/pointing'))} | "
+                    f"{_fmt(s.get('labels/right_object'))} | {100 * seg:.1f} | {s.get('minutes', '')} |")
+    if len(names) >= 3:
+        x = [scores[n]["labels/mIoU"] for n in names]
+        y = [mean_sd([m["test/mIoU"] for m in results[n]])[0] for n in names]
+        p = f", one-sided exact permutation p = {spearman_p(x, y):.4f}" if len(names) <= 8 else ""
+        rows += ["", f"Spearman rank correlation over {len(names)} variants: rho = {spearman(x, y):.3f}{p} (target >= 0.8)."]
+    return rows
+
+
 def run_variant(name: str, seed: int, args, out: Path) -> dict:
     overrides, folder, _ = VARIANTS[name]
     run_dir = out / "runs" / f"{name}-s{seed}"
@@ -62,19 +129,9 @@ def run_variant(name: str, seed: int, args, out: Path) -> dict:
             f"paths.data_dir={out / 'data'}", "logger=csv", f"seed={seed}"]
     if "resume" not in " ".join(cmd) and (run_dir / "stages.json").is_file():
         cmd.append(f"resume={run_dir}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    t0 = time.time()
-    print(f"[{name} seed {seed}] {' '.join(cmd[2:])}", flush=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    log_file = out / "logs" / f"{name}-s{seed}.log"
-    log_file.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"variant {name} seed {seed} failed (log: {log_file}):\n{proc.stderr[-2000:]}")
+    minutes = _run(cmd, args, out / "logs" / f"{name}-s{seed}.log", f"{name} seed {seed}")
     metrics = json.loads(metrics_file.read_text())
-    metrics["minutes"] = round((time.time() - t0) / 60, 1)
+    metrics["minutes"] = minutes
     metrics_file.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     print(f"[{name} seed {seed}] test/mIoU {metrics.get('test/mIoU'):.3f}  TTA {metrics.get('test/mIoU_tta'):.3f}  "
           f"({metrics['minutes']} min)", flush=True)
@@ -86,7 +143,7 @@ def _cell(values: list[float]) -> str:
     return f"{100 * mean:.1f}" + ("" if sd is None else f" ± {100 * sd:.1f}")
 
 
-def table(results: dict[str, list[dict]], args) -> str:
+def table(results: dict[str, list[dict]], args, scores: dict[str, dict] | None = None) -> str:
     """``results[variant]``: one metrics dict per seed, in seed order."""
     def col(name, key):
         return [m[key] for m in results.get(name, []) if m.get(key) is not None]
@@ -128,7 +185,10 @@ def table(results: dict[str, list[dict]], args) -> str:
         rows += ["", f"Synthetic-only / real-label mIoU (means): {mean_sd(full)[0] / mean_sd(real)[0]:.3f} plain, "
                      f"{mean_sd(full_tta)[0] / mean_sd(real_tta)[0]:.3f} with TTA (target >= 0.90 with TTA)."]
     rows += ["", "'better' / 'worse': the variant's interval against full lies wholly above / below zero. For an "
-                 "ablation that removes a part, 'worse' is evidence that the part helps, as the paper claims.", END]
+                 "ablation that removes a part, 'worse' is evidence that the part helps, as the paper claims."]
+    if scores:
+        rows += correlation_table(scores, results, args)
+    rows.append(END)
     return "\n".join(rows)
 
 
@@ -152,15 +212,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("logs/shapes_study"))
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: leave as is)")
     parser.add_argument("--rerun", action="store_true", help="run variants again even if they have metrics")
+    parser.add_argument("--score-labels", action="store_true",
+                        help=f"also score each labelling variant ({', '.join(LABELLING)}) with dsdiff.score_labels, and "
+                             "rank-correlate labels/mIoU with the segmenter's mean test mIoU")
+    parser.add_argument("--score-images", type=int, default=200, help="tune images per score_labels run")
+    parser.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that have metrics")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: use 1 or more")
+    out = args.out.resolve()
+    scores = {name: score_variant(name, args, out) for name in LABELLING if name in args.variants} if args.score_labels else {}
     results: dict[str, list[dict]] = {}
     for seed in range(args.seed, args.seed + args.seeds):  # seed by seed: a partial study already pairs every variant
         for name in args.variants:
-            results.setdefault(name, []).append(run_variant(name, seed, args, args.out.resolve()))
-            write_section(table(results, args))  # a partial table survives an interrupted study
-    print(table(results, args))
+            if args.no_train and not (out / "runs" / f"{name}-s{seed}" / "metrics.json").is_file():
+                continue
+            results.setdefault(name, []).append(run_variant(name, seed, args, out))
+            write_section(table(results, args, scores))  # a partial table survives an interrupted study
+    print(table(results, args, scores))
     print(f"wrote {RESULTS}")
 
 

@@ -34,3 +34,20 @@ def test_small_samples_and_bad_input():
         paired_interval([0.5], [0.4])
     with pytest.raises(ValueError, match="degree of freedom"):
         t975(0)
+
+
+def test_spearman_ranks_ties_and_permutation_p():
+    from _stats import ranks, spearman, spearman_p
+
+    assert ranks([0.3, 0.1, 0.3, 0.2]) == [3.5, 1.0, 3.5, 2.0]
+    # monotone but not linear: rank correlation 1; reversed: -1
+    assert spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # one swapped pair among 5: rho = 1 - 6 * 2 / (5 * 24) = 0.9
+    assert spearman([1, 2, 3, 4, 5], [1, 2, 3, 5, 4]) == pytest.approx(0.9)
+    # perfect agreement of 6 values: only the identity ordering reaches rho = 1, p = 1/720
+    assert spearman_p(list(range(6)), list(range(6))) == pytest.approx(1 / 720)
+    with pytest.raises(ValueError, match="at least 3"):
+        spearman([1, 2], [1, 2])
+    with pytest.raises(ValueError, match="vary"):
+        spearman([1, 2, 3], [5, 5, 5])
