@@ -2,11 +2,13 @@
 
 - tokenizer: a real CLIP BPE over printable characters plus merges for a few words, so the
   world's words are single tokens and any other text still tokenizes (into characters);
-- text encoder: ``CLIPTextModel`` with no transformer layer, i.e. learned word embeddings and
-  the final LayerNorm. Position embeddings are zero and frozen (``positions=False``): a word's
-  key is then the same in the caption and in the separately encoded class prompt
-  ("ball leaf"), which is what class-prompt cross-attention (METHOD.md section 1) reads. The
-  start token, present in every prompt, is free to act as an attention sink;
+- text encoder: ``CLIPTextModel`` with no transformer layer by default, i.e. learned word
+  embeddings and the final LayerNorm. Position embeddings are zero and frozen
+  (``positions=False``): a word's key is then the same in the caption and in the separately
+  encoded class prompt ("ball leaf"), which is what class-prompt cross-attention (METHOD.md
+  section 1) reads. The start token, present in every prompt, is free to act as an attention
+  sink. ``text_layers >= 1`` adds CLIP's causal self-attention layers: a word's state then
+  carries the words before it, as in Stable Diffusion's encoder (the case the class prompt is for);
 - UNet: ``UNet2DConditionModel`` over (3 r^2, H/r, W/r) packed pixels, cross-attention in
   every block (for 32 px and r = 2: at 16x16 and 8x8);
 - scheduler: DDIM, cosine schedule, v-prediction, trailing timesteps (the first sampling step
@@ -38,15 +40,18 @@ def build_tokenizer(words: Sequence[str] = SHAPES_WORDS, max_length: int = 16):
     return bpe.build_tokenizer(words, max_length)
 
 
-def build_text_encoder(tokenizer, dim: int = 64, positions: bool = False, seed: int = 0):
-    """A ``CLIPTextModel`` with ``num_hidden_layers=0``: word (+ position) embeddings and a LayerNorm."""
+def build_text_encoder(tokenizer, dim: int = 64, positions: bool = False, seed: int = 0, layers: int = 0, heads: int = 4):
+    """A ``CLIPTextModel``: word (+ position) embeddings, ``layers`` causal self-attention layers
+    (0: none, a bag of words without positions) and a LayerNorm."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if layers < 0 or (layers and dim % heads):
+        raise ValueError(f"text encoder: layers={layers}, heads={heads}, dim={dim}: use layers >= 0 and heads dividing dim")
     torch.manual_seed(seed)
     encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=dim, num_attention_heads=1,
-            num_hidden_layers=0, max_position_embeddings=int(tokenizer.model_max_length),
+            vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=(4 * dim if layers else dim),
+            num_attention_heads=(heads if layers else 1), num_hidden_layers=layers, max_position_embeddings=int(tokenizer.model_max_length),
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -115,20 +120,22 @@ def build_pipeline(
     max_length: int = 16,
     text_dim: int = 64,
     positions: bool = False,
+    text_layers: int = 0,
     seed: int = 0,
     **unet: Any,
 ):
     """A random-weight ``StableDiffusionPipeline`` with ``vae=None`` (pixel space).
 
     ``unet``: :func:`build_unet`'s other arguments (image_size, packing, block_out_channels,
-    layers_per_block, heads, norm_num_groups); ``text_dim`` and ``seed`` serve both networks.
+    layers_per_block, heads, norm_num_groups); ``text_dim`` and ``seed`` serve both networks;
+    ``text_layers``: the text encoder's causal self-attention layers (0: a bag of words).
     """
     from diffusers import StableDiffusionPipeline
 
     tokenizer = build_tokenizer(words, max_length)
     pipe = StableDiffusionPipeline(
         vae=None,
-        text_encoder=build_text_encoder(tokenizer, text_dim, positions, seed),
+        text_encoder=build_text_encoder(tokenizer, text_dim, positions, seed, layers=text_layers),
         tokenizer=tokenizer,
         unet=build_unet(text_dim=text_dim, seed=seed, **unet),
         scheduler=build_scheduler(),

@@ -71,3 +71,28 @@ def test_attention_on_real_images(gen):
         assert np.array_equal(s.label, b[i].label)
     with pytest.raises(ValueError, match=r"uint8 \(B, H, W, 3\)"):
         attention_on_images(gen, images.astype(np.float32), records, [100])
+
+
+def test_text_layers_make_a_class_words_key_depend_on_its_context():
+    """The bag-of-words encoder gives "ball" one state in any text; a causal layer (text_layers=1)
+    makes it carry the words before it, the case the paper's class prompt is for."""
+    from dsdiff.shapes_t2i.net import build_text_encoder, build_tokenizer
+
+    tok = build_tokenizer()
+    ball = tok.convert_tokens_to_ids(tok.tokenize("ball"))[0]
+
+    def ball_state(encoder, text):
+        ids = tok(text, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = encoder(ids).last_hidden_state[0]
+        return hidden[ids[0].tolist().index(ball)]
+
+    bag = build_text_encoder(tok, layers=0)
+    assert torch.allclose(ball_state(bag, "a leaf and a ball"), ball_state(bag, "ball"), atol=1e-6)
+    contextual = build_text_encoder(tok, layers=1, positions=True)
+    assert contextual.config.num_hidden_layers == 1
+    assert not torch.allclose(ball_state(contextual, "a leaf and a ball"), ball_state(contextual, "ball"), atol=1e-3)
+    # causal: what follows a word does not change it
+    assert torch.allclose(ball_state(contextual, "a ball and a leaf"), ball_state(contextual, "a ball"), atol=1e-5)
+    with pytest.raises(ValueError, match="heads dividing dim"):
+        build_text_encoder(tok, dim=64, layers=1, heads=5)
