@@ -20,6 +20,7 @@ study resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -90,7 +91,7 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def correlation_table(scores: dict[str, dict], results: dict[str, list[dict]], args) -> list[str]:
+def correlation_table(scores: dict[str, dict], results: dict[str, dict[int, dict]], args) -> list[str]:
     """labels/mIoU (tune split, minutes) against the segmenter's mean test mIoU (hours): is the cheap score a proxy?"""
     names = [n for n in scores if results.get(n)]
     rows = ["", "### Label scores as a proxy for the segmenter",
@@ -104,15 +105,72 @@ def correlation_table(scores: dict[str, dict], results: dict[str, list[dict]], a
             "| variant | labels/mIoU | uncertain | pointing | right_object | segmenter test mIoU (mean) | minutes |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n in names:
-        s, seg = scores[n], mean_sd([m["test/mIoU"] for m in results[n]])[0]
+        s, seg = scores[n], mean_sd([m["test/mIoU"] for m in results[n].values()])[0]
         rows.append(f"| {n} | {_fmt(s['labels/mIoU'])} | {_fmt(s['labels/uncertain'])} | {_fmt(s.get('labels/pointing'))} | "
                     f"{_fmt(s.get('labels/right_object'))} | {100 * seg:.1f} | {s.get('minutes', '')} |")
     if len(names) >= 3:
         x = [scores[n]["labels/mIoU"] for n in names]
-        y = [mean_sd([m["test/mIoU"] for m in results[n]])[0] for n in names]
+        y = [mean_sd([m["test/mIoU"] for m in results[n].values()])[0] for n in names]
         p = f", one-sided exact permutation p = {spearman_p(x, y):.4f}" if len(names) <= 8 else ""
         rows += ["", f"Spearman rank correlation over {len(names)} variants: rho = {spearman(x, y):.3f}{p} (target >= 0.8)."]
     return rows
+
+
+def _metrics_file(out: Path, name: str, seed: int) -> Path:
+    return out / "runs" / f"{name}-s{seed}" / "metrics.json"
+
+
+def _finished(out: Path, todo: list[tuple[int, str]]) -> dict[str, dict[int, dict]]:
+    results: dict[str, dict[int, dict]] = {}
+    for seed, name in todo:
+        if _metrics_file(out, name, seed).is_file():
+            results.setdefault(name, {})[seed] = json.loads(_metrics_file(out, name, seed).read_text())
+    return results
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _folder_ready(out: Path, name: str, args) -> bool:
+    """The variant's synthetic folder holds every sample the variant reads (its runs only read it)."""
+    manifest = out / "synthetic" / VARIANTS[name][1] / "manifest.jsonl"
+    needed = 4 * args.images if name == "images_4x" else args.images
+    return manifest.is_file() and sum(1 for _ in manifest.open()) >= needed
+
+
+def _claim(out: Path, name: str, seed: int, args) -> bool:
+    """Claim run ``name``-s``seed`` for this worker (``<out>/locks``): not if another worker holds it. A run
+    that must still write its synthetic folder waits until no other run uses that folder; a run that only
+    reads it waits while another writes it. Stale claims (their worker is gone) are dropped."""
+    locks = out / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / "claims", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # one worker decides at a time
+        held: list[tuple[str, str]] = []  # (folder, "r" | "w") of the live claims
+        for lock in locks.glob("*.lock"):
+            pid, folder, mode = (lock.read_text().split() + ["0", "-", "r"])[:3]
+            if _alive(int(pid)):
+                held.append((folder, mode))
+            else:
+                lock.unlink(missing_ok=True)
+        folder = VARIANTS[name][1]
+        mode = "r" if folder is None or _folder_ready(out, name, args) else "w"
+        lock = locks / f"{name}-s{seed}.lock"
+        if lock.exists() or any(f == folder and (mode == "w" or m == "w") for f, m in held):
+            return False
+        lock.write_text(f"{os.getpid()} {folder or '-'} {mode}")
+        return True
+
+
+def _release(out: Path, name: str, seed: int) -> None:
+    (out / "locks" / f"{name}-s{seed}.lock").unlink(missing_ok=True)
 
 
 def run_variant(name: str, seed: int, args, out: Path) -> dict:
@@ -143,10 +201,24 @@ def _cell(values: list[float]) -> str:
     return f"{100 * mean:.1f}" + ("" if sd is None else f" ± {100 * sd:.1f}")
 
 
-def table(results: dict[str, list[dict]], args, scores: dict[str, dict] | None = None) -> str:
-    """``results[variant]``: one metrics dict per seed, in seed order."""
+def _paired(results: dict[str, dict[int, dict]], name: str, ref: str, key: str = "test/mIoU", ref_key: str | None = None):
+    """(delta cell, verdict) of ``name`` against ``ref`` over the seeds both have (pairs share a seed)."""
+    seeds = sorted(set(results.get(name, {})) & set(results.get(ref, {})))
+    a = [results[name][s][key] for s in seeds]
+    b = [results[ref][s][ref_key or key] for s in seeds]
+    if len(seeds) >= 2:
+        mean, low, high = paired_interval(a, b)
+        return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]", verdict(low, high)
+    return (f"{100 * (a[0] - b[0]):+.1f}", "") if seeds else ("", "")
+
+
+SELFTRAIN = ("full", "selftrain_agree", "selftrain_agree_tta")  # one round each; compared with no_selftrain
+
+
+def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | None = None) -> str:
+    """``results[variant][seed]``: the run's metrics."""
     def col(name, key):
-        return [m[key] for m in results.get(name, []) if m.get(key) is not None]
+        return [m[key] for _, m in sorted(results.get(name, {}).items()) if m.get(key) is not None]
 
     seeds = [args.seed + k for k in range(args.seeds)]
     rows = [
@@ -161,31 +233,36 @@ def table(results: dict[str, list[dict]], args, scores: dict[str, dict] | None =
         "per-seed difference in plain test mIoU (points) with its paired 95% t interval, and the verdict reads "
         "that interval (one seed: no interval, no verdict).",
         "",
-        "| variant | seeds | test mIoU | test mIoU (TTA) | vs full [95% CI] | verdict | synthetic/real | minutes | paper's claim |",
+        "| variant | seeds | test mIoU | test mIoU (TTA) | vs full [95% CI] | verdict | synthetic/real (TTA) | minutes | paper's claim |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
     ]
-    full, real = col("full", "test/mIoU"), col("real", "test/mIoU")
+    real_tta = col("real", "test/mIoU_tta")
     for name, runs in results.items():
         miou, tta = col(name, "test/mIoU"), col(name, "test/mIoU_tta")
         if not miou:
             continue
-        delta, call = "", ""
-        if name not in ("full", "real") and full:
-            n = min(len(miou), len(full))
-            if n >= 2:
-                mean, low, high = paired_interval(miou[:n], full[:n])
-                delta, call = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]", verdict(low, high)
-            else:
-                delta = f"{100 * (miou[0] - full[0]):+.1f}"
-        ratio = "" if name == "real" or not real else f"{mean_sd(miou)[0] / mean_sd(real)[0]:.3f}"
-        minutes = round(sum(m.get("minutes", 0) or 0 for m in runs), 1)
+        delta, call = _paired(results, name, "full") if name not in ("full", "real") else ("", "")
+        ratio = "" if name == "real" or not real_tta or not tta else f"{mean_sd(tta)[0] / mean_sd(real_tta)[0]:.3f}"
+        minutes = round(sum(m.get("minutes", 0) or 0 for m in runs.values()), 1)
         rows.append(f"| {name} | {len(miou)} | {_cell(miou)} | {_cell(tta)} | {delta} | {call} | {ratio} | {minutes} | {VARIANTS[name][2]} |")
+    full, real = col("full", "test/mIoU"), col("real", "test/mIoU")
     if full and real:
-        full_tta, real_tta = col("full", "test/mIoU_tta"), col("real", "test/mIoU_tta")
         rows += ["", f"Synthetic-only / real-label mIoU (means): {mean_sd(full)[0] / mean_sd(real)[0]:.3f} plain, "
-                     f"{mean_sd(full_tta)[0] / mean_sd(real_tta)[0]:.3f} with TTA (target >= 0.90 with TTA)."]
+                     f"{mean_sd(col('full', 'test/mIoU_tta'))[0] / mean_sd(real_tta)[0]:.3f} with TTA (target >= 0.90 with TTA)."]
     rows += ["", "'better' / 'worse': the variant's interval against full lies wholly above / below zero. For an "
                  "ablation that removes a part, 'worse' is evidence that the part helps, as the paper claims."]
+    paired = [(n, "no_selftrain", "test/mIoU", None) for n in SELFTRAIN] + [(n, n, "test/mIoU_tta", "test/mIoU") for n in ("full", "real")]
+    paired = [p for p in paired if results.get(p[0]) and results.get(p[1])]
+    if paired:
+        rows += ["", "### Self-training against none, and TTA against none", "",
+                 "Paired over seeds as above: one self-training round against `no_selftrain` (the same first stage: same "
+                 "seed, same labels), and each run's TTA test mIoU against its own plain test mIoU.", "",
+                 "| comparison | seeds | difference [95% CI] | verdict |", "| --- | ---: | ---: | --- |"]
+        for name, ref, key, ref_key in paired:
+            delta, call = _paired(results, name, ref, key, ref_key)
+            what = f"{name} vs no_selftrain" if ref == "no_selftrain" else f"{name}: TTA vs plain"
+            n = len(set(results[name]) & set(results[ref]))
+            rows.append(f"| {what} | {n} | {delta} | {call} |")
     if scores:
         rows += correlation_table(scores, results, args)
     rows.append(END)
@@ -199,7 +276,9 @@ def write_section(text: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(new)
+    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")  # several workers write it: whole files only
+    tmp.write_text(new)
+    os.replace(tmp, RESULTS)
 
 
 def main() -> None:
@@ -222,14 +301,24 @@ def main() -> None:
         parser.error(f"--seeds {args.seeds}: use 1 or more")
     out = args.out.resolve()
     scores = {name: score_variant(name, args, out) for name in LABELLING if name in args.variants} if args.score_labels else {}
-    results: dict[str, list[dict]] = {}
-    for seed in range(args.seed, args.seed + args.seeds):  # seed by seed: a partial study already pairs every variant
-        for name in args.variants:
-            if args.no_train and not (out / "runs" / f"{name}-s{seed}" / "metrics.json").is_file():
-                continue
-            results.setdefault(name, []).append(run_variant(name, seed, args, out))
-            write_section(table(results, args, scores))  # a partial table survives an interrupted study
-    print(table(results, args, scores))
+    todo = [(seed, name) for seed in range(args.seed, args.seed + args.seeds) for name in args.variants]  # seed by seed
+    while not args.no_train:
+        left = [(seed, name) for seed, name in todo if args.rerun or not _metrics_file(out, name, seed).is_file()]
+        claimed = next(((seed, name) for seed, name in left if _claim(out, name, seed, args)), None)
+        if claimed is None:
+            if not left:
+                break
+            time.sleep(15)  # what is left runs in another worker (or waits for a synthetic folder another one writes)
+            continue
+        seed, name = claimed
+        try:
+            run_variant(name, seed, args, out)
+        finally:
+            _release(out, name, seed)
+        write_section(table(_finished(out, todo), args, scores))  # a partial table survives an interrupted study
+    text = table(_finished(out, todo), args, scores)
+    write_section(text)
+    print(text)
     print(f"wrote {RESULTS}")
 
 

@@ -51,3 +51,26 @@ def test_spearman_ranks_ties_and_permutation_p():
         spearman([1, 2], [1, 2])
     with pytest.raises(ValueError, match="vary"):
         spearman([1, 2, 3], [5, 5, 5])
+
+
+def test_study_workers_never_share_a_run_nor_write_one_synthetic_folder_twice(tmp_path):
+    import argparse
+    import subprocess
+
+    import shapes_study as study
+
+    args = argparse.Namespace(images=2)
+    assert study._claim(tmp_path, "tau_0", 42, args)              # writes synthetic/tau0: a "w" claim
+    assert not study._claim(tmp_path, "tau_0", 42, args)          # the same run: held
+    assert not study._claim(tmp_path, "tau_0", 43, args)          # another seed would write the same folder
+    assert study._claim(tmp_path, "tau_2", 42, args)              # another folder
+    assert study._claim(tmp_path, "real", 42, args) and study._claim(tmp_path, "real", 43, args)  # no folder
+    study._release(tmp_path, "tau_0", 42)
+    (tmp_path / "synthetic" / "tau0").mkdir(parents=True)
+    (tmp_path / "synthetic" / "tau0" / "manifest.jsonl").write_text("{}\n{}\n")  # the folder is whole: readers share it
+    assert study._claim(tmp_path, "tau_0", 43, args) and study._claim(tmp_path, "tau_0", 44, args)
+    # a claim whose worker is gone is dropped
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "locks" / "tau_4-s42.lock").write_text(f"{dead.pid} tau4 w")
+    assert study._claim(tmp_path, "tau_4", 42, args)
