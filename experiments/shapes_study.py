@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from _results import write_section  # experiments/_results.py
 from _stats import mean_sd, paired_interval, spearman, spearman_p, verdict
 
 RESULTS = Path(__file__).parent / "results" / "shapes.md"
-START, END = "<!-- segmentation:start -->", "<!-- segmentation:end -->"
 
 # name: (overrides, synthetic folder key or None for real labels, what the paper claims)
 VARIANTS = {
@@ -222,7 +222,6 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
 
     seeds = [args.seed + k for k in range(args.seeds)]
     rows = [
-        START,
         "## Segmentation: synthetic-only vs real labels, and ablations",
         "",
         f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}`: "
@@ -265,20 +264,11 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
             rows.append(f"| {what} | {n} | {delta} | {call} |")
     if scores:
         rows += correlation_table(scores, results, args)
-    rows.append(END)
     return "\n".join(rows)
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.is_file() else "# The shapes world: measurements\n"
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")  # several workers write it: whole files only
-    tmp.write_text(new)
-    os.replace(tmp, RESULTS)
+def write_results(text: str) -> None:
+    write_section(RESULTS, "segmentation", text, "The shapes world: measurements")
 
 
 def main() -> None:
@@ -315,9 +305,9 @@ def main() -> None:
             run_variant(name, seed, args, out)
         finally:
             _release(out, name, seed)
-        write_section(table(_finished(out, todo), args, scores))  # a partial table survives an interrupted study
+        write_results(table(_finished(out, todo), args, scores))  # a partial table survives an interrupted study
     text = table(_finished(out, todo), args, scores)
-    write_section(text)
+    write_results(text)
     print(text)
     print(f"wrote {RESULTS}")
 
