@@ -25,6 +25,7 @@ import torch
 
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
 from dsdiff.diffusion import tokenizer as bpe
+from dsdiff.diffusion.pipeline import load_pipeline
 from dsdiff.io import replace_dir
 
 # Words of the shapes world's captions and class prompts; anything else falls apart into characters.
@@ -143,6 +144,39 @@ def build_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def contextual_from(init: str | Path, text_layers: int = 1, positions: bool = True, heads: int = 4):
+    """A trained pipeline folder (e.g. the shipped bag-of-words model) with ``text_layers`` causal
+    self-attention layers added to its text encoder, started as an exact identity.
+
+    The new encoder copies the word embeddings, final LayerNorm and (zero) position embeddings, and
+    each added pre-LayerNorm layer has its attention output and MLP output projections set to zero,
+    so at step 0 every text encodes exactly as before and the pipeline draws the same images. Training
+    (``+experiment=shapes_t2i_contextual``) then only has to learn to use the context.
+    """
+    init = Path(init)
+    if not (init / "model_index.json").is_file():
+        raise FileNotFoundError(f"contextual_from: {init} is not a diffusers pipeline folder (no model_index.json); "
+                                "pass the shipped model (${asset:shapes_t2i}) or an exported pretrain run")
+    pipe = load_pipeline(init, dtype=torch.float32)
+    old = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+    encoder = build_text_encoder(pipe.tokenizer, old.config.hidden_size, positions=True, layers=text_layers, heads=heads)
+    new = getattr(encoder, "text_model", encoder)
+    with torch.no_grad():
+        new.embeddings.token_embedding.weight.copy_(old.embeddings.token_embedding.weight)
+        new.embeddings.position_embedding.weight.copy_(old.embeddings.position_embedding.weight)
+        new.final_layer_norm.load_state_dict(old.final_layer_norm.state_dict())
+        for layer in new.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    if not positions:
+        freeze_positions(encoder)
+    pipe.text_encoder = encoder
+    pipe.register_modules(text_encoder=encoder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

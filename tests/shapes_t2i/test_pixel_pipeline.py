@@ -96,3 +96,23 @@ def test_text_layers_make_a_class_words_key_depend_on_its_context():
     assert torch.allclose(ball_state(contextual, "a ball and a leaf"), ball_state(contextual, "a ball"), atol=1e-5)
     with pytest.raises(ValueError, match="heads dividing dim"):
         build_text_encoder(tok, dim=64, layers=1, heads=5)
+
+
+def test_contextual_from_starts_as_the_bag_of_words_model_and_then_reads_context(pixel_pipeline_dir):
+    """Warm start for issue 12 part 4: the added causal layers are an exact identity at step 0."""
+    from dsdiff.shapes_t2i.net import contextual_from
+
+    base = load_pipeline(pixel_pipeline_dir, dtype=torch.float32)
+    warm = contextual_from(pixel_pipeline_dir, text_layers=1)
+    assert warm.text_encoder.config.num_hidden_layers == 1 and warm.unet is not None
+    tok = base.tokenizer
+    ids = tok(["a ball and a leaf", "ball leaf", ""], padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        before, after = base.text_encoder(ids)[0], warm.text_encoder(ids)[0]
+        assert torch.allclose(before, after, atol=1e-5)
+        layer = getattr(warm.text_encoder, "text_model", warm.text_encoder).encoder.layers[0]
+        layer.self_attn.out_proj.weight.normal_()  # once trained, the layer mixes context in
+        assert not torch.allclose(base.text_encoder(ids)[0], warm.text_encoder(ids)[0], atol=1e-3)
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
+        contextual_from(pixel_pipeline_dir / "unet")
