@@ -145,32 +145,37 @@ def _folder_ready(out: Path, name: str, args) -> bool:
     return manifest.is_file() and sum(1 for _ in manifest.open()) >= needed
 
 
-def _claim(out: Path, name: str, seed: int, args) -> bool:
-    """Claim run ``name``-s``seed`` for this worker (``<out>/locks``): not if another worker holds it. A run
-    that must still write its synthetic folder waits until no other run uses that folder; a run that only
-    reads it waits while another writes it. Stale claims (their worker is gone) are dropped."""
+def _claim(out: Path, key: str, folder: str | None, ready: bool) -> bool:
+    """Claim job ``key`` (a run ``<variant>-s<seed>``, or ``score-<variant>``) for this worker (``<out>/locks``):
+    not if another worker holds it. A run that must still write its synthetic ``folder`` (not ``ready``) waits
+    until no other run uses that folder; a run that only reads it waits while another writes it. Stale
+    claims (their worker is gone) are dropped."""
     locks = out / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / "claims", "a") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)  # one worker decides at a time
         held: list[tuple[str, str]] = []  # (folder, "r" | "w") of the live claims
         for lock in locks.glob("*.lock"):
-            pid, folder, mode = (lock.read_text().split() + ["0", "-", "r"])[:3]
+            pid, their_folder, their_mode = (lock.read_text().split() + ["0", "-", "r"])[:3]
             if _alive(int(pid)):
-                held.append((folder, mode))
+                held.append((their_folder, their_mode))
             else:
                 lock.unlink(missing_ok=True)
-        folder = VARIANTS[name][1]
-        mode = "r" if folder is None or _folder_ready(out, name, args) else "w"
-        lock = locks / f"{name}-s{seed}.lock"
+        mode = "r" if folder is None or ready else "w"
+        lock = locks / f"{key}.lock"
         if lock.exists() or any(f == folder and (mode == "w" or m == "w") for f, m in held):
             return False
         lock.write_text(f"{os.getpid()} {folder or '-'} {mode}")
         return True
 
 
-def _release(out: Path, name: str, seed: int) -> None:
-    (out / "locks" / f"{name}-s{seed}.lock").unlink(missing_ok=True)
+def _release(out: Path, key: str) -> None:
+    (out / "locks" / f"{key}.lock").unlink(missing_ok=True)
+
+
+def _scores(out: Path, names: list[str]) -> dict[str, dict]:
+    files = {name: out / "scores" / name / "label_scores.json" for name in names}
+    return {name: json.loads(f.read_text()) for name, f in files.items() if f.is_file()}
 
 
 def run_variant(name: str, seed: int, args, out: Path) -> dict:
@@ -290,11 +295,21 @@ def main() -> None:
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: use 1 or more")
     out = args.out.resolve()
-    scores = {name: score_variant(name, args, out) for name in LABELLING if name in args.variants} if args.score_labels else {}
+    labelling = [name for name in LABELLING if name in args.variants] if args.score_labels else []
+    for name in labelling:  # minutes each; workers split them as they split the runs
+        if (args.rerun or not (out / "scores" / name / "label_scores.json").is_file()) and _claim(out, f"score-{name}", None, True):
+            try:
+                score_variant(name, args, out)
+            finally:
+                _release(out, f"score-{name}")
     todo = [(seed, name) for seed in range(args.seed, args.seed + args.seeds) for name in args.variants]  # seed by seed
+    done: set[tuple[int, str]] = set()  # run by this worker now (--rerun: once)
     while not args.no_train:
-        left = [(seed, name) for seed, name in todo if args.rerun or not _metrics_file(out, name, seed).is_file()]
-        claimed = next(((seed, name) for seed, name in left if _claim(out, name, seed, args)), None)
+        left = [(seed, name) for seed, name in todo
+                if (seed, name) not in done and (args.rerun or not _metrics_file(out, name, seed).is_file())]
+        claimed = next(((seed, name) for seed, name in left
+                        if _claim(out, f"{name}-s{seed}", VARIANTS[name][1], VARIANTS[name][1] is None or _folder_ready(out, name, args))),
+                       None)
         if claimed is None:
             if not left:
                 break
@@ -304,9 +319,10 @@ def main() -> None:
         try:
             run_variant(name, seed, args, out)
         finally:
-            _release(out, name, seed)
-        write_results(table(_finished(out, todo), args, scores))  # a partial table survives an interrupted study
-    text = table(_finished(out, todo), args, scores)
+            _release(out, f"{name}-s{seed}")
+        done.add(claimed)
+        write_results(table(_finished(out, todo), args, _scores(out, labelling)))  # a partial table survives an interruption
+    text = table(_finished(out, todo), args, _scores(out, labelling))
     write_results(text)
     print(text)
     print(f"wrote {RESULTS}")

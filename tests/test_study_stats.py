@@ -54,23 +54,33 @@ def test_spearman_ranks_ties_and_permutation_p():
 
 
 def test_study_workers_never_share_a_run_nor_write_one_synthetic_folder_twice(tmp_path):
-    import argparse
     import subprocess
 
     import shapes_study as study
 
-    args = argparse.Namespace(images=2)
-    assert study._claim(tmp_path, "tau_0", 42, args)              # writes synthetic/tau0: a "w" claim
-    assert not study._claim(tmp_path, "tau_0", 42, args)          # the same run: held
-    assert not study._claim(tmp_path, "tau_0", 43, args)          # another seed would write the same folder
-    assert study._claim(tmp_path, "tau_2", 42, args)              # another folder
-    assert study._claim(tmp_path, "real", 42, args) and study._claim(tmp_path, "real", 43, args)  # no folder
-    study._release(tmp_path, "tau_0", 42)
-    (tmp_path / "synthetic" / "tau0").mkdir(parents=True)
-    (tmp_path / "synthetic" / "tau0" / "manifest.jsonl").write_text("{}\n{}\n")  # the folder is whole: readers share it
-    assert study._claim(tmp_path, "tau_0", 43, args) and study._claim(tmp_path, "tau_0", 44, args)
+    assert study._claim(tmp_path, "tau_0-s42", "tau0", ready=False)      # writes synthetic/tau0: a "w" claim
+    assert not study._claim(tmp_path, "tau_0-s42", "tau0", ready=False)  # the same run: held
+    assert not study._claim(tmp_path, "tau_0-s43", "tau0", ready=False)  # another seed would write the same folder
+    assert not study._claim(tmp_path, "tau_0-s43", "tau0", ready=True)   # nor read it while it is written
+    assert study._claim(tmp_path, "tau_2-s42", "tau2", ready=False)      # another folder
+    assert study._claim(tmp_path, "real-s42", None, ready=True) and study._claim(tmp_path, "real-s43", None, ready=True)
+    study._release(tmp_path, "tau_0-s42")
+    assert study._claim(tmp_path, "tau_0-s43", "tau0", ready=True) and study._claim(tmp_path, "tau_0-s44", "tau0", ready=True)
+    assert not study._claim(tmp_path, "tau_0-s45", "tau0", ready=False)  # readers hold it: no writer
     # a claim whose worker is gone is dropped
     dead = subprocess.Popen(["true"])
     dead.wait()
     (tmp_path / "locks" / "tau_4-s42.lock").write_text(f"{dead.pid} tau4 w")
-    assert study._claim(tmp_path, "tau_4", 42, args)
+    assert study._claim(tmp_path, "tau_4-s42", "tau4", ready=False)
+
+
+def test_folder_ready_counts_the_samples_a_variant_reads(tmp_path):
+    import argparse
+
+    import shapes_study as study
+
+    args = argparse.Namespace(images=2)
+    assert not study._folder_ready(tmp_path, "full", args)
+    (tmp_path / "synthetic" / "base").mkdir(parents=True)
+    (tmp_path / "synthetic" / "base" / "manifest.jsonl").write_text("{}\n{}\n")
+    assert study._folder_ready(tmp_path, "full", args) and not study._folder_ready(tmp_path, "images_4x", args)
