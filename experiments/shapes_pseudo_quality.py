@@ -58,6 +58,13 @@ def transitions(attention: list[np.ndarray], pseudo: list[np.ndarray], truths: l
     }
 
 
+def folder_score(folder: Path, limit: int | None = None) -> dict[str, float]:
+    """A synthetic folder's attention labels against its images' colour masks: mIoU over certain pixels, certain share."""
+    ids = [json.loads(line)["id"] for line in (folder / "manifest.jsonl").open() if line.strip()][:limit]
+    truths = [colour_mask(_png(folder / "images" / f"{i}.png")) for i in ids]
+    return score([_png(folder / "masks" / f"{i}.png") for i in ids], truths)
+
+
 def run_rows(run: Path) -> dict:
     pseudo_dir = run / "pseudo_1"
     settings = json.loads((pseudo_dir / "dataset.json").read_text())

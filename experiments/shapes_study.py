@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from _results import write_section  # experiments/_results.py
+from shapes_pseudo_quality import folder_score
 from _stats import mean_sd, paired_interval, spearman, spearman_p, verdict
 
 RESULTS = Path(__file__).parent / "results" / "shapes.md"
@@ -94,25 +95,34 @@ def _fmt(value) -> str:
 def correlation_table(scores: dict[str, dict], results: dict[str, dict[int, dict]], args) -> list[str]:
     """labels/mIoU (tune split, minutes) against the segmenter's mean test mIoU (hours): is the cheap score a proxy?"""
     names = [n for n in scores if results.get(n)]
+    generated = {n: folder_score(args.out.resolve() / "synthetic" / VARIANTS[n][1], args.images) for n in names
+                 if (args.out.resolve() / "synthetic" / VARIANTS[n][1] / "manifest.jsonl").is_file()}
     rows = ["", "### Label scores as a proxy for the segmenter",
             "",
             f"`python experiments/shapes_study.py --score-labels --score-images {args.score_images}` runs "
             f"`python -m dsdiff.score_labels +experiment=shapes_deeplab <variant's overrides> score.images={args.score_images}` "
             "for every variant that changes only the labelling settings: the first tune (val) images, noised at t = "
             "100/300/500, labelled with the variant's settings and scored against the true masks. The segmenter "
-            "column is the table above's mean plain test mIoU.",
+            "column is the table above's mean plain test mIoU. 'generated' scores the labels the segmenter trained on "
+            "instead: the variant's synthetic folder against its images' colour masks (experiments/shapes_pseudo_quality.py; "
+            "a check only the shapes world allows).",
             "",
-            "| variant | labels/mIoU | uncertain | pointing | right_object | segmenter test mIoU (mean) | minutes |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| variant | labels/mIoU | uncertain | pointing | right_object | generated: mIoU | generated: certain | segmenter test mIoU (mean) | minutes |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for n in names:
         s, seg = scores[n], mean_sd([m["test/mIoU"] for m in results[n].values()])[0]
         rows.append(f"| {n} | {_fmt(s['labels/mIoU'])} | {_fmt(s['labels/uncertain'])} | {_fmt(s.get('labels/pointing'))} | "
-                    f"{_fmt(s.get('labels/right_object'))} | {100 * seg:.1f} | {s.get('minutes', '')} |")
+                    f"{_fmt(s.get('labels/right_object'))} | {_fmt(generated.get(n, {}).get('mIoU'))} | "
+                    f"{_fmt(generated.get(n, {}).get('certain'))} | {100 * seg:.1f} | {s.get('minutes', '')} |")
     if len(names) >= 3:
         x = [scores[n]["labels/mIoU"] for n in names]
         y = [mean_sd([m["test/mIoU"] for m in results[n].values()])[0] for n in names]
         p = f", one-sided exact permutation p = {spearman_p(x, y):.4f}" if len(names) <= 8 else ""
         rows += ["", f"Spearman rank correlation over {len(names)} variants: rho = {spearman(x, y):.3f}{p} (target >= 0.8)."]
+        if len(generated) == len(names):
+            g = [generated[n]["mIoU"] for n in names]
+            rows.append(f"The generated images' label mIoU against the same segmenter means: rho = {spearman(g, y):.3f}, "
+                        f"one-sided exact permutation p = {spearman_p(g, y):.4f}.")
     return rows
 
 
