@@ -18,6 +18,7 @@ and writes its section of experiments/results/shapes.md (its `pseudo` block).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from PIL import Image
 
 from dsdiff.data.classes import IGNORE_INDEX, SHAPES_CLASSES
 from dsdiff.diffusion.quality import confusion, mean_iou
+from dsdiff.io import read_jsonl_lines
 from dsdiff.shapes_t2i.quality import colour_mask
 
 from _results import write_section  # experiments/_results.py
@@ -58,20 +60,28 @@ def transitions(attention: list[np.ndarray], pseudo: list[np.ndarray], truths: l
     }
 
 
+def _ids(folder: Path) -> tuple[str, ...]:
+    return tuple(row["id"] for row in read_jsonl_lines(folder / "manifest.jsonl"))
+
+
+@functools.lru_cache(maxsize=None)
+def _labels_and_truths(folder: Path, ids: tuple[str, ...]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A synthetic folder's attention labels of ``ids`` and its images' colour masks (runs that share a
+    folder share them: read and derived once per process)."""
+    return ([_png(folder / "masks" / f"{i}.png") for i in ids],
+            [colour_mask(_png(folder / "images" / f"{i}.png")) for i in ids])
+
+
 def folder_score(folder: Path, limit: int | None = None) -> dict[str, float]:
     """A synthetic folder's attention labels against its images' colour masks: mIoU over certain pixels, certain share."""
-    ids = [json.loads(line)["id"] for line in (folder / "manifest.jsonl").open() if line.strip()][:limit]
-    truths = [colour_mask(_png(folder / "images" / f"{i}.png")) for i in ids]
-    return score([_png(folder / "masks" / f"{i}.png") for i in ids], truths)
+    return score(*_labels_and_truths(folder, _ids(folder)[:limit]))
 
 
 def run_rows(run: Path) -> dict:
     pseudo_dir = run / "pseudo_1"
     settings = json.loads((pseudo_dir / "dataset.json").read_text())
-    source = Path(settings["source"])
-    ids = [json.loads(line)["id"] for line in (pseudo_dir / "manifest.jsonl").open() if line.strip()]
-    truths = [colour_mask(_png(source / "images" / f"{i}.png")) for i in ids]
-    attention = [_png(source / "masks" / f"{i}.png") for i in ids]
+    ids = _ids(pseudo_dir)
+    attention, truths = _labels_and_truths(Path(settings["source"]), ids)
     pseudo = [_png(pseudo_dir / "masks" / f"{i}.png") for i in ids]
     mode = settings["selftrain"]["mode"] + (" + TTA" if settings["selftrain"].get("tta") else "")
     return {"run": run.name, "mode": mode, "images": len(ids), "attention": score(attention, truths),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import functools
 import json
 import os
 import subprocess
@@ -96,12 +95,6 @@ def score_variant(name: str, args, out: Path) -> dict:
     return result
 
 
-@functools.lru_cache(maxsize=None)
-def _folder_score(folder: Path, images: int) -> dict[str, float]:
-    """A finished folder's labels never change: score them once per process, not at every table rewrite."""
-    return folder_score(folder, images)
-
-
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -109,7 +102,7 @@ def _fmt(value) -> str:
 def correlation_table(scores: dict[str, dict], results: dict[str, dict[int, dict]], args) -> list[str]:
     """labels/mIoU (tune split, minutes) against the segmenter's mean test mIoU (hours): is the cheap score a proxy?"""
     names = [n for n in scores if results.get(n)]
-    generated = {n: _folder_score(args.out.resolve() / "synthetic" / VARIANTS[n][1], args.images) for n in names
+    generated = {n: folder_score(args.out.resolve() / "synthetic" / VARIANTS[n][1], args.images) for n in names
                  if (args.out.resolve() / "synthetic" / VARIANTS[n][1] / "manifest.jsonl").is_file()}
     rows = ["", "### Label scores as a proxy for the segmenter",
             "",

@@ -175,7 +175,6 @@ def contextual_from(init: str | Path, text_layers: int = 1, positions: bool = Tr
                 linear.bias.zero_()
     if not positions:
         freeze_positions(encoder)
-    pipe.text_encoder = encoder
     pipe.register_modules(text_encoder=encoder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
