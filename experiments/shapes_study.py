@@ -77,13 +77,40 @@ def _run(cmd: list[str], args, log_file: Path, what: str) -> float:
     return round((time.time() - t0) / 60, 1)
 
 
+def _model(args) -> list[str]:
+    """The generator override of ``--model`` (none: the experiment's own, the shipped shapes model)."""
+    return [f"generator.model={Path(args.model).resolve()}"] if args.model else []
+
+
+def check_study(out: Path, args) -> None:
+    """An --out holds one generator's study: record the model's digest on first use, refuse another model
+    later (its synthetic folders, runs and scores would mix two models)."""
+    from dsdiff.diffusion.pipeline import folder_digest
+    from dsdiff.shapes_t2i.assets import SHAPES_T2I
+
+    model = Path(args.model).resolve() if args.model else Path(SHAPES_T2I)
+    if not (model / "model_index.json").is_file():
+        sys.exit(f"--model {model}: not a diffusers pipeline folder (no model_index.json)")
+    here = {"model": str(model), "model_digest": folder_digest(model)}
+    record = out / "study.json"
+    if record.is_file():
+        was = json.loads(record.read_text())
+        if was.get("model_digest") != here["model_digest"]:
+            sys.exit(f"--out {out} holds a study of the generator {was.get('model')} (digest "
+                     f"{str(was.get('model_digest'))[:12]}), not {model} ({here['model_digest'][:12]}): pass that "
+                     "--model, or another --out")
+    elif not args.no_train or args.score_labels:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, here)
+
+
 def score_variant(name: str, args, out: Path) -> dict:
     """``python -m dsdiff.score_labels`` with the variant's labelling settings: its label_scores.json."""
     run_dir = out / "scores" / name
     result_file = run_dir / "label_scores.json"
     if result_file.is_file() and not args.rerun:
         return json.loads(result_file.read_text())
-    cmd = [sys.executable, "-m", "dsdiff.score_labels", "+experiment=shapes_deeplab", *VARIANTS[name][0],
+    cmd = [sys.executable, "-m", "dsdiff.score_labels", "+experiment=shapes_deeplab", *_model(args), *VARIANTS[name][0],
            f"score.images={args.score_images}", f"score.dir={out / 'scores' / 'results'}", f"hydra.run.dir={run_dir}",
            f"paths.data_dir={out / 'data'}", "logger=csv"]
     minutes = _run(cmd, args, out / "logs" / f"score-{name}.log", f"score {name}")
@@ -203,7 +230,7 @@ def run_variant(name: str, seed: int, args, out: Path) -> dict:
         return json.loads(metrics_file.read_text())
     cmd = [sys.executable, "-m", "dsdiff.train"]
     if folder is not None:
-        cmd += ["+experiment=shapes_deeplab", *PAPER_SELFTRAIN, f"synthetic.num_images={args.images}",
+        cmd += ["+experiment=shapes_deeplab", *_model(args), *PAPER_SELFTRAIN, f"synthetic.num_images={args.images}",
                 f"synthetic.dir={out / 'synthetic' / folder}"]
     cmd += [o.format(images4=4 * args.images) for o in overrides]
     cmd += [f"max_steps={args.steps}", f"val_every={max(1, args.steps // 3)}", f"hydra.run.dir={run_dir}",
@@ -247,7 +274,9 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
     rows = [
         "## Segmentation: synthetic-only vs real labels, and ablations",
         "",
-        f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}`: "
+        f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}"
+        + (f" --model {args.model} --section {args.section}`" if args.model else "`")
+        + f" (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}): "
         f"each variant trains the small DeepLabV3+ of `shapes_deeplab` for {args.steps} steps per stage on "
         f"{args.images} synthetic images (images_4x: {4 * args.images}), training seeds {seeds} (the synthetic "
         "folders are the same for every seed), and tests on the real shapes test split (500 images). `real` "
@@ -291,8 +320,8 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
     return "\n".join(rows)
 
 
-def write_results(text: str) -> None:
-    write_section(RESULTS, "segmentation", text, "The shapes world: measurements")
+def write_results(text: str, section: str = "segmentation") -> None:
+    write_section(RESULTS, section, text, "The shapes world: measurements")
 
 
 def main() -> None:
@@ -309,11 +338,17 @@ def main() -> None:
                         help=f"also score each labelling variant ({', '.join(LABELLING)}) with dsdiff.score_labels, and "
                              "rank-correlate labels/mIoU with the segmenter's mean test mIoU")
     parser.add_argument("--score-images", type=int, default=200, help="tune images per score_labels run")
+    parser.add_argument("--model", default=None, help="generator: a diffusers pipeline folder for every synthetic "
+                        "variant and score (default: the experiment's own, the shipped shapes model); use its own --out")
+    parser.add_argument("--section", default="segmentation",
+                        help="the marked section of experiments/results/shapes.md to write (a study of another --model "
+                             "keeps the main study's table)")
     parser.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that have metrics")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: use 1 or more")
     out = args.out.resolve()
+    check_study(out, args)
     labelling = [name for name in LABELLING if name in args.variants] if args.score_labels else []
     for name in labelling:  # minutes each; workers split them as they split the runs
         if (args.rerun or not (out / "scores" / name / "label_scores.json").is_file()) and _claim(out, f"score-{name}", None, True):
@@ -340,9 +375,9 @@ def main() -> None:
         finally:
             _release(out, f"{name}-s{seed}")
         done.add(claimed)
-        write_results(table(_finished(out, todo), args, _scores(out, labelling)))  # a partial table survives an interruption
+        write_results(table(_finished(out, todo), args, _scores(out, labelling)), args.section)  # a partial table survives an interruption
     text = table(_finished(out, todo), args, _scores(out, labelling))
-    write_results(text)
+    write_results(text, args.section)
     print(text)
     print(f"wrote {RESULTS}")
 

@@ -1,4 +1,5 @@
 """The study's statistics (experiments/_stats.py): what a multi-seed table's verdicts rest on."""
+import json
 import sys
 from pathlib import Path
 
@@ -84,3 +85,25 @@ def test_folder_ready_counts_the_samples_a_variant_reads(tmp_path):
     (tmp_path / "synthetic" / "base").mkdir(parents=True)
     (tmp_path / "synthetic" / "base" / "manifest.jsonl").write_text("{}\n{}\n")
     assert study._folder_ready(tmp_path, "full", args) and not study._folder_ready(tmp_path, "images_4x", args)
+
+
+def test_a_study_folder_refuses_another_generator(tmp_path):
+    import argparse
+    import shutil
+
+    import shapes_study as study
+    from dsdiff.shapes_t2i.assets import SHAPES_T2I
+
+    out = tmp_path / "study"
+    args = argparse.Namespace(model=None, no_train=False, score_labels=False)
+    study.check_study(out, args)
+    assert json.loads((out / "study.json").read_text())["model"] == str(SHAPES_T2I)
+    study.check_study(out, args)  # the same model: goes on
+    other = tmp_path / "other"
+    shutil.copytree(SHAPES_T2I, other)
+    (other / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    with pytest.raises(SystemExit, match="holds a study of the generator"):
+        study.check_study(out, argparse.Namespace(model=str(other), no_train=False, score_labels=False))
+    with pytest.raises(SystemExit, match="not a diffusers pipeline folder"):
+        study.check_study(tmp_path / "x", argparse.Namespace(model=str(tmp_path), no_train=False, score_labels=False))
+    assert not (tmp_path / "x").exists()  # checked before anything is written
