@@ -34,29 +34,16 @@ from dsdiff.shapes_t2i.assets import SHAPES_T2I  # noqa: E402
 from dsdiff.shapes_t2i.scoring import score_generated, score_real, world_records  # noqa: E402
 from dsdiff.viz import save_sample_grid  # noqa: E402
 
+from _results import write_section  # noqa: E402  (experiments/_results.py)
+
 RESULTS = Path(__file__).parent / "results" / "shapes.md"
 SAMPLER_RESULTS = Path(__file__).parent / "results" / "bench_generation.md"
 GRID = Path(__file__).parent / "results" / "shapes_attention_samples.png"
-BEGIN, END = "<!-- shapes_attention:begin -->", "<!-- shapes_attention:end -->"
 COLUMNS = ("pointing", "right_object", "right_object_n", "mIoU", "uncertain")
 
 
 def fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace this script's section of the results file (other sections are kept), atomically."""
-    old = path.read_text() if path.is_file() else "# The built-in shapes world: measurements\n"
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 def sampler_study(args, world) -> None:
@@ -108,7 +95,7 @@ def sampler_study(args, world) -> None:
         lines.append(f"| {name} | {cls} | {steps} | {seconds * 1e3:.1f} | {base_t / seconds:.2f}x | {s['mIoU']:.3f} "
                      f"| {s['mIoU'] - base_miou:+.3f} | {fmt(s['uncertain'])} | {fmt(s['pointing'])} "
                      f"| {fmt(s['right_object'])} | {fmt(s.get('drawn', ''))} |")
-    write_section(Path(args.sampler_out), "\n".join(lines), "<!-- sampler_study:begin -->", "<!-- sampler_study:end -->")
+    write_section(Path(args.sampler_out), "sampler_study", "\n".join(lines), "bench_generation")
     print("\n".join(lines))
 
 
@@ -201,7 +188,7 @@ def main() -> None:
         lines.append(f"| {kind} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", f"Sample grid `{Path(args.grid).name}` (image | class maps | label): 3 real rows for "
               "cross 8, self 16 with tau 4 then tau 0, then the same for generated images (last guidance)."]
-    write_section(Path(args.out), "\n".join(lines))
+    write_section(Path(args.out), "shapes_attention", "\n".join(lines), "The shapes world: measurements")
     save_sample_grid(grid, args.grid, SHAPES_CLASSES)
     print("\n".join(lines))
 
