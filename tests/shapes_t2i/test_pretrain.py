@@ -12,7 +12,7 @@ from dsdiff.shapes_t2i.system import TextToImage
 TINY = [
     "model.pipeline.block_out_channels=[8,16]", "model.pipeline.text_dim=16", "model.pipeline.heads=2",
     "model.pipeline.norm_num_groups=4", "data.batch_size=4", "data.size=64", "model.warmup_steps=2",
-    "callbacks.progress_bar.refresh_rate=1", "logger=none",
+    "+callbacks.progress_bar.refresh_rate=1", "logger=none",
 ]
 
 
@@ -28,10 +28,15 @@ def _count_steps(monkeypatch):
     return calls
 
 
-def test_pretrain_resumes_from_last_ckpt_and_exports(make_cfg, tmp_path, monkeypatch):
+def test_pretrain_resumes_from_last_ckpt_and_exports(make_cfg, tmp_path, monkeypatch, caplog):
+    import logging
+
     calls = _count_steps(monkeypatch)
     cfg = make_cfg(["+experiment=shapes_t2i", "max_steps=3", "checkpoint_every=3", *TINY], config_name="pretrain")
-    metrics, objects = pretrain(cfg)
+    with caplog.at_level(logging.INFO, logger="dsdiff"):
+        metrics, objects = pretrain(cfg)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain: ")]
+    assert progress[-1].startswith("pretrain: 3/3 steps (100%)") and "ETA" in progress[-1]  # lines a log file shows
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert calls == [0, 1, 2] and metrics["steps"] == 3
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
