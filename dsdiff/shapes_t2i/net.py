@@ -163,6 +163,10 @@ def contextual_from(init: str | Path, text_layers: int = 1, positions: bool = Tr
                                 "pass the shipped model (${asset:shapes_t2i}) or an exported pretrain run")
     pipe = load_pipeline(init, dtype=torch.float32)
     old = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
+    if old.config.num_hidden_layers:
+        raise ValueError(f"contextual_from: {init}'s text encoder already has {old.config.num_hidden_layers} layer(s), "
+                         "which a warm start would drop; start from a bag-of-words pipeline (0 layers), e.g. the export "
+                         "of `python -m dsdiff.pretrain +experiment=shapes_t2i` (logs/shapes_t2i/run/pipeline)")
     encoder = build_text_encoder(pipe.tokenizer, old.config.hidden_size, positions=True, layers=text_layers, heads=heads)
     new = getattr(encoder, "text_model", encoder)
     with torch.no_grad():

@@ -43,6 +43,10 @@ class TextToImage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.packing = packing_factor(self.unet.config.in_channels)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        # diffusers' from_pretrained (a warm start such as contextual_from) leaves its models in eval mode, and
+        # Lightning keeps submodules' modes: without this, dropout in a config would silently stay off
+        self.unet.train()
+        self.text_encoder.train()
         self.train_seconds = 0.0  # wall time spent in training steps, kept across resumes
         self._step_started: float | None = None
 

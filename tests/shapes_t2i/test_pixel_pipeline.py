@@ -116,3 +116,16 @@ def test_contextual_from_starts_as_the_bag_of_words_model_and_then_reads_context
         assert not torch.allclose(base.text_encoder(ids)[0], warm.text_encoder(ids)[0], atol=1e-3)
     with pytest.raises(FileNotFoundError, match="not a diffusers pipeline folder"):
         contextual_from(pixel_pipeline_dir / "unet")
+
+
+def test_a_contextual_warm_start_trains_its_models_and_refuses_a_contextual_init(pixel_pipeline_dir, tmp_path):
+    from dsdiff.shapes_t2i.net import contextual_from, save_pipeline
+    from dsdiff.shapes_t2i.system import TextToImage
+
+    warm = contextual_from(pixel_pipeline_dir, text_layers=1)
+    assert not warm.unet.training  # diffusers loads in eval mode ...
+    system = TextToImage(warm, optimizer=torch.optim.AdamW)
+    assert system.unet.training and system.text_encoder.training  # ... training must not keep it
+    save_pipeline(warm, tmp_path / "contextual")
+    with pytest.raises(ValueError, match="already has 1 layer"):
+        contextual_from(tmp_path / "contextual")
