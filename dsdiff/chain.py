@@ -51,6 +51,7 @@ class SelfTraining:
     threshold: float = 0.9
     tta: bool = False
     batch_size: int = 8
+    init: str = "scratch"  # the student starts from scratch (the paper) or from the teacher's final weights
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,18 @@ def run_chain(settings: ChainSettings, make: Factories, work: Path, stages: Stag
 
 
 def _fit(name: str, root: Path, make: Factories, loggers: StageLoggers, settings: ChainSettings,
-         train_set: Callable | None = None, **kwargs: Any) -> StageResult:
-    """A fresh datamodule (training on ``train_set`` if given), model and loggers for one training stage."""
+         train_set: Callable | None = None, init_weights: str | None = None, **kwargs: Any) -> StageResult:
+    """A fresh datamodule (training on ``train_set`` if given), model and loggers for one training stage.
+
+    ``init_weights``: a checkpoint whose final weights the model starts from (the stage's own last.ckpt,
+    when resuming, still wins: it holds the weights trained since)."""
     datamodule = make.datamodule()
     if train_set is not None:
         datamodule.factories["train"] = train_set
     model = make.model()
+    if init_weights:
+        log.info("stage %s: the student starts from the teacher's weights (%s)", name, init_weights)
+        load_weights(model, init_weights)
     opened = loggers.open(None if name == "train" else name)
     make.log_config(opened)
     return fit_stage(name, root, datamodule, model, make.trainer, opened, tune=settings.tune, **kwargs)
@@ -252,7 +259,11 @@ def _run(settings: ChainSettings, make: Factories, work: Path, stages: Stages, l
             continue
         train_set = partial(SyntheticDataset, root=str(pseudo_dir), class_list=settings.class_list,
                             max_samples=settings.num_images)
-        last = _fit(name, work / name, make, loggers, settings, train_set=train_set)
+        init = checkpoint if settings.selftrain.init == "teacher" else None
+        if settings.selftrain.init == "teacher" and not init:
+            raise RuntimeError("selftrain.init=teacher needs the teacher's checkpoint, and its stage saved none: keep the "
+                               "last_checkpoint callback, or use selftrain.init=scratch")
+        last = _fit(name, work / name, make, loggers, settings, train_set=train_set, init_weights=init)
         checkpoint = last.checkpoint
         stages.mark(name, last.record())
 

@@ -40,6 +40,7 @@ from dsdiff.data.transforms import EvalTransform
 log = logging.getLogger("dsdiff")
 MODES = ("replace", "fill_uncertain", "confident", "agree")
 THRESHOLD_MODES = ("confident", "agree")  # the modes that read selftrain.threshold
+INITS = ("scratch", "teacher")  # selftrain.init: where the student's weights start
 
 
 def combine(pred: torch.Tensor, confidence: torch.Tensor, current: torch.Tensor, mode: str, threshold: float = 0.9) -> torch.Tensor:

@@ -26,7 +26,7 @@ from dsdiff.generate import generate
 from dsdiff.prompts import ensure_prompts
 from dsdiff.runs import open_run
 from dsdiff.runtime import instantiate_callbacks, instantiate_loggers, log_config, trainer_callbacks
-from dsdiff.selftrain import MODES
+from dsdiff.selftrain import INITS, MODES
 
 log = logging.getLogger("dsdiff")
 
@@ -55,6 +55,9 @@ def check_config(cfg: DictConfig) -> None:
     selftrain = cfg.get("selftrain") or {}
     if selftrain.get("mode", "replace") not in MODES:
         raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use one of {', '.join(MODES)}")
+    if selftrain.get("init", "scratch") not in INITS:
+        raise ValueError(f"selftrain.init={selftrain.get('init')!r}: use scratch (a fresh student, the paper's) or "
+                         "teacher (the student starts from the teacher's final weights)")
 
 
 def trains_on_synthetic(cfg: DictConfig) -> bool:
@@ -76,7 +79,7 @@ def chain_settings(cfg: DictConfig) -> ChainSettings:
         ckpt_path=cfg.get("ckpt_path"), tune=cfg.data.get("tune") is not None,
         selftrain=SelfTraining(rounds=int(selftrain.get("rounds", 0)), mode=selftrain.get("mode", "replace"),
                                threshold=selftrain.get("threshold", 0.9), tta=bool(selftrain.get("tta", False)),
-                               batch_size=selftrain.get("batch_size", 8)),
+                               batch_size=selftrain.get("batch_size", 8), init=selftrain.get("init", "scratch")),
         progress=cfg.trainer.get("enable_progress_bar", True), output_dir=Path(cfg.paths.output_dir))
 
 

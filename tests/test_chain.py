@@ -249,3 +249,34 @@ def test_shapes_deeplab_runs_the_whole_method_offline(make_cfg, tmp_path):
     pseudo = [json.loads(line)["id"] for line in (tmp_path / "small" / "pseudo_1" / "manifest.jsonl").read_text().splitlines()]
     assert sorted(pseudo) == expected and len(kept) > len(expected)
     assert objects["datamodule"].datasets["train"].ids == expected  # round 2's training set
+
+
+def test_selftrain_init_teacher_starts_the_student_from_the_teachers_final_weights(make_cfg, tmp_path, monkeypatch):
+    from dsdiff import chain
+
+    starts = {}
+    fit_stage = chain.fit_stage
+
+    def spy(name, root, datamodule, model, *args, **kwargs):
+        starts[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return fit_stage(name, root, datamodule, model, *args, **kwargs)
+
+    monkeypatch.setattr(chain, "fit_stage", spy)
+    cfg = make_cfg(["+experiment=shapes_deeplab", f"synthetic.dir={tmp_path / 'syn'}", "generator.num_inference_steps=4",
+                    "synthetic.num_images=8", "max_steps=2", "val_every=2", "data.tune.size=4", "test=false",
+                    "selftrain.tta=false", "selftrain.init=teacher", "callbacks.val_panel.num_images=1"],
+                   output_dir=tmp_path / "run")
+    train(cfg)
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    teacher = torch.load(stages["train"]["checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    weights = [k for k in teacher if k.endswith(".weight") and k in starts["selftrain_1"]]
+    assert weights and all(torch.equal(starts["selftrain_1"][k], teacher[k]) for k in weights)
+    assert any(not torch.equal(starts["train"][k], teacher[k]) for k in weights)  # the teacher trained away from init
+
+
+def test_a_bad_selftrain_init_is_refused_before_anything_is_written(make_cfg, tmp_path):
+    cfg = make_cfg(["+experiment=shapes_deeplab", f"synthetic.dir={tmp_path / 'syn'}", "selftrain.init=teachr"],
+                   output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="selftrain.init='teachr': use scratch"):
+        train(cfg)
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "run" / "stages.json").exists()
