@@ -53,6 +53,8 @@ VARIANTS = {
     "no_selftrain": (["selftrain.rounds=0"], "base", "no self-training: worse"),
     "selftrain_agree": (["selftrain.mode=agree"], "base", "(not the paper's) self-training that keeps agreeing labels, fills the band"),
     "selftrain_agree_tta": (["selftrain.mode=agree", "selftrain.tta=true"], "base", "(not the paper's) agree, the teacher predicting with TTA"),
+    "selftrain_teacher": (["selftrain.mode=agree", "selftrain.tta=true", "selftrain.init=teacher"], "base",
+                          "(not the paper's) agree + TTA, the student fine-tuned from the teacher instead of from scratch"),
     "images_4x": (["synthetic.num_images={images4}"], "base", "4x the synthetic images: better"),
 }
 
@@ -262,7 +264,7 @@ def _paired(results: dict[str, dict[int, dict]], name: str, ref: str, key: str =
     return (f"{100 * (a[0] - b[0]):+.1f}", "") if seeds else ("", "")
 
 
-SELFTRAIN = ("full", "selftrain_agree", "selftrain_agree_tta")  # one round each; compared with no_selftrain
+SELFTRAIN = ("full", "selftrain_agree", "selftrain_agree_tta", "selftrain_teacher")  # one round each; compared with no_selftrain
 
 
 def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | None = None) -> str:
