@@ -7,6 +7,7 @@ loads like Stable Diffusion, with ``training.json`` (steps, minutes, command) be
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -79,11 +80,25 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     write_json_atomic(export_dir / "training.json", {
         **metrics, **({"command": command} if cfg.get("train") else {"exported_by": command, "checkpoint": os.path.relpath(ckpt)}),
         "seed": cfg.get("seed"), "batch_size": cfg.data.batch_size, "ema_decay": cfg.get("ema_decay"),
-        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "exported_at": time.strftime("%Y-%m-%d %H:%M:%S"), **warm_start(cfg),
     })
     write_json_atomic(output_dir / "metrics.json", metrics)
     log.info("pipeline (EMA weights, %d steps, %.1f training minutes) saved to %s", steps, model.train_seconds / 60, export_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+
+def warm_start(cfg: DictConfig) -> dict[str, Any]:
+    """The model a warm start began from (``model.pipeline.init``): its folder, digest and own training.json,
+    so an exported model's card can state its whole lineage."""
+    init = (cfg.model.get("pipeline") or {}).get("init")
+    if not init:
+        return {}
+    from dsdiff.diffusion.pipeline import folder_digest
+
+    init = Path(init)
+    before = init / "training.json"
+    return {"warm_start": {"from": str(init), "digest": folder_digest(init),
+                           "training": json.loads(before.read_text()) if before.is_file() else None}}
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="pretrain")

@@ -91,3 +91,16 @@ def test_training_texts_mix_the_generator_forms():
     assert set(shares) == set(expected)
     assert all(abs(shares[t] - p) < 0.08 for t, p in expected.items()), shares
     assert np.isclose(sum(shares.values()), 1.0)
+
+
+def test_a_contextual_warm_start_exports_its_layer_and_its_lineage(make_cfg, tmp_path, pixel_pipeline_dir):
+    from dsdiff.diffusion.pipeline import folder_digest
+
+    cfg = make_cfg(["+experiment=shapes_t2i_contextual", f"model.pipeline.init={pixel_pipeline_dir}", "model.pipeline.heads=2",
+                    "max_steps=2", "checkpoint_every=2", "data.batch_size=4", "data.size=64", "model.warmup_steps=2",
+                    "logger=none"], config_name="pretrain")
+    pretrain(cfg)
+    folder = tmp_path / "pipeline"
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 1
+    lineage = json.loads((folder / "training.json").read_text())["warm_start"]
+    assert lineage["from"] == str(pixel_pipeline_dir) and lineage["digest"] == folder_digest(pixel_pipeline_dir)
