@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,6 +195,10 @@ def save_pipeline(pipe, out_dir: str | Path, keep: Sequence[str] = ("MODEL_CARD.
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for config in tmp.glob("*/config.json"):  # a warm-started model's configs would name the folder it came from
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     for name in keep:
         if (out_dir / name).is_file():
             shutil.copy2(out_dir / name, tmp / name)

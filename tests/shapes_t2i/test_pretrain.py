@@ -102,5 +102,6 @@ def test_a_contextual_warm_start_exports_its_layer_and_its_lineage(make_cfg, tmp
     pretrain(cfg)
     folder = tmp_path / "pipeline"
     assert json.loads((folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 1
+    assert not any("_name_or_path" in json.loads(c.read_text()) for c in folder.glob("*/config.json"))  # no local path
     lineage = json.loads((folder / "training.json").read_text())["warm_start"]
     assert lineage["from"] == str(pixel_pipeline_dir) and lineage["digest"] == folder_digest(pixel_pipeline_dir)
