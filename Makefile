@@ -32,8 +32,9 @@ bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/
 	$(BIN)/python experiments/bench_train.py
 	$(BIN)/python experiments/bench_data.py
 
-pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model into dsdiff/assets/shapes_t2i (CPU, resumable)
-	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i export_dir=dsdiff/assets/shapes_t2i
+pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model (bag of words, then contextual) into dsdiff/assets/shapes_t2i (CPU, resumable)
+	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i
+	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i_contextual threads=2 export_dir=dsdiff/assets/shapes_t2i
 
 clean:  ## remove run outputs (logs/, outputs/, multirun/)
 	rm -rf logs outputs multirun
