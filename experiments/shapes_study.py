@@ -104,6 +104,7 @@ def check_study(out: Path, args) -> None:
     elif not args.no_train or args.score_labels:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, here)
+    args.model_digest = here["model_digest"]
 
 
 def score_variant(name: str, args, out: Path) -> dict:
@@ -278,7 +279,8 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
         "",
         f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}"
         + (f" --model {args.model} --section {args.section}`" if args.model else "`")
-        + f" (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}): "
+        + f" (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}, digest "
+        f"`{getattr(args, 'model_digest', '?')}`): "
         f"each variant trains the small DeepLabV3+ of `shapes_deeplab` for {args.steps} steps per stage on "
         f"{args.images} synthetic images (images_4x: {4 * args.images}), training seeds {seeds} (the synthetic "
         "folders are the same for every seed), and tests on the real shapes test split (500 images). `real` "
