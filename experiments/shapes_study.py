@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results" / "shapes.md"
 
 # Every synthetic variant starts from shapes_deeplab with the paper's self-training (whatever the shapes
 # default is), then applies its own overrides.
-PAPER_SELFTRAIN = ["selftrain.mode=replace", "selftrain.tta=false"]
+PAPER_SELFTRAIN = ["selftrain.mode=replace", "selftrain.tta=false", "selftrain.init=scratch"]
 # name: (overrides, synthetic folder key or None for real labels, what the paper claims)
 VARIANTS = {
     "real": (["+experiment=shapes_real"], None, "upper bound"),

@@ -74,6 +74,11 @@ def test_paper_recipe_values(make_cfg):
     assert "ema" in cfg.callbacks and "wandb" in cfg.logger
     coco = make_cfg(["+experiment=coco_deeplab"])
     assert coco.data.num_classes == 81 and coco.trainer.max_steps == 40000
+    for paper in (cfg, coco):  # one round of the paper's self-training: replace, a fresh student, no TTA
+        assert dict(paper.selftrain) | {"batch_size": 0} == {"rounds": 1, "mode": "replace", "threshold": 0.9, "tta": False,
+                                                             "init": "scratch", "batch_size": 0}
+    shapes = make_cfg(["+experiment=shapes_deeplab"]).selftrain  # the mode measured best on the shapes world
+    assert (shapes.mode, shapes.tta, shapes.init) == ("agree", True, "teacher")
 
 
 def test_sweep_config_composes(make_cfg):
