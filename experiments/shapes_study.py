@@ -137,7 +137,8 @@ def correlation_table(scores: dict[str, dict], results: dict[str, dict[int, dict
     rows = ["", "### Label scores as a proxy for the segmenter",
             "",
             f"`python experiments/shapes_study.py --score-labels --score-images {args.score_images}` runs "
-            f"`python -m dsdiff.score_labels +experiment=shapes_deeplab <variant's overrides> score.images={args.score_images}` "
+            f"`python -m dsdiff.score_labels +experiment=shapes_deeplab {'generator.model=<--model> ' if args.model else ''}"
+            f"<variant's overrides> score.images={args.score_images}` "
             "for every variant that changes only the labelling settings: the first tune (val) images, noised at t = "
             "100/300/500, labelled with the variant's settings and scored against the true masks. The segmenter "
             "column is the table above's mean plain test mIoU. 'generated' scores the labels the segmenter trained on "
@@ -275,7 +276,8 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
 
     seeds = [args.seed + k for k in range(args.seeds)]
     rows = [
-        "## Segmentation: synthetic-only vs real labels, and ablations",
+        "## Segmentation: synthetic-only vs real labels, and ablations"
+        + ("" if args.section == "segmentation" else f" (`--section {args.section}`)"),
         "",
         f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}"
         + (f" --model {args.model} --section {args.section}`" if args.model else "`")
