@@ -50,9 +50,19 @@ def test_every_experiment_names_a_known_entry_point():
     assert "shapes_t2i" in PRETRAIN_EXPERIMENTS
 
 
+@pytest.fixture(scope="module")
+def stage1_export(tmp_path_factory):
+    """What `python -m dsdiff.pretrain +experiment=shapes_t2i` exports (untrained): stage 2's starting point."""
+    from dsdiff.shapes_t2i.net import build_pipeline, save_pipeline
+
+    return save_pipeline(build_pipeline(), tmp_path_factory.mktemp("stage1") / "pipeline")
+
+
 @pytest.mark.parametrize("experiment", PRETRAIN_EXPERIMENTS)
-def test_pretrain_experiment_composes_and_instantiates(make_cfg, experiment):
-    cfg = make_cfg([f"+experiment={experiment}"], config_name="pretrain")
+def test_pretrain_experiment_composes_and_instantiates(make_cfg, experiment, request):
+    # stage 2 (shapes_t2i_contextual) starts from stage 1's export, which a fresh clone does not have
+    init = [f"model.pipeline.init={request.getfixturevalue('stage1_export')}"] if experiment == "shapes_t2i_contextual" else []
+    cfg = make_cfg([f"+experiment={experiment}", *init], config_name="pretrain")
     assert cfg.task_name == experiment and cfg.entry_point == "pretrain"
     OmegaConf.to_container(job_config(cfg), resolve=True)
     assert cfg.trainer.max_steps == cfg.max_steps and cfg.callbacks.ema.decay == cfg.ema_decay
@@ -150,3 +160,9 @@ def test_local_config_sets_global_keys_with_or_without_the_package_line(tmp_path
         assert cfg.paths.voc == "/data/VOC2012" and "local" not in cfg
     cfg = _compose(["+experiment=voc_real", "paths.voc=/cli"], conf=conf)
     assert cfg.paths.voc == "/cli"  # the command line still wins
+
+
+def test_stage_2_without_stage_1_says_to_run_stage_1(make_cfg, tmp_path):
+    cfg = make_cfg(["+experiment=shapes_t2i_contextual", f"paths.log_dir={tmp_path / 'logs'}"], config_name="pretrain")
+    with pytest.raises(Exception, match=r"run stage 1 first \(`python -m dsdiff.pretrain \+experiment=shapes_t2i`"):
+        hydra.utils.instantiate(cfg.model)

@@ -160,8 +160,9 @@ def contextual_from(init: str | Path, text_layers: int = 1, positions: bool = Tr
     """
     init = Path(init)
     if not (init / "model_index.json").is_file():
-        raise FileNotFoundError(f"contextual_from: {init} is not a diffusers pipeline folder (no model_index.json); "
-                                "pass the shipped model (${asset:shapes_t2i}) or an exported pretrain run")
+        raise FileNotFoundError(f"contextual_from: {init} is not a diffusers pipeline folder (no model_index.json): "
+                                "run stage 1 first (`python -m dsdiff.pretrain +experiment=shapes_t2i` exports "
+                                "logs/shapes_t2i/run/pipeline), or pass model.pipeline.init=<a bag-of-words pipeline folder>")
     pipe = load_pipeline(init, dtype=torch.float32)
     old = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
     if old.config.num_hidden_layers:
