@@ -259,10 +259,12 @@ def _run(settings: ChainSettings, make: Factories, work: Path, stages: Stages, l
             continue
         train_set = partial(SyntheticDataset, root=str(pseudo_dir), class_list=settings.class_list,
                             max_samples=settings.num_images)
-        init = checkpoint if settings.selftrain.init == "teacher" else None
-        if settings.selftrain.init == "teacher" and not init:
-            raise RuntimeError("selftrain.init=teacher needs the teacher's checkpoint, and its stage saved none: keep the "
-                               "last_checkpoint callback, or use selftrain.init=scratch")
+        init = None
+        if settings.selftrain.init == "teacher":
+            if not checkpoint:
+                raise RuntimeError("selftrain.init=teacher needs the teacher's checkpoint, and its stage saved none: keep "
+                                   "the last_checkpoint callback, or use selftrain.init=scratch")
+            init = checkpoint
         last = _fit(name, work / name, make, loggers, settings, train_set=train_set, init_weights=init)
         checkpoint = last.checkpoint
         stages.mark(name, last.record())
