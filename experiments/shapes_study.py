@@ -280,8 +280,9 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
         + ("" if args.section == "segmentation" else f" (`--section {args.section}`)"),
         "",
         f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}"
-        + (f" --model {args.model} --section {args.section}`" if args.model else "`")
-        + f" (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}, digest "
+        + (f" --model {args.model}" if args.model else "")
+        + (f" --section {args.section}" if args.section != "segmentation" else "")
+        + f"` (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}, digest "
         f"`{getattr(args, 'model_digest', '?')}`): "
         f"each variant trains the small DeepLabV3+ of `shapes_deeplab` for {args.steps} steps per stage on "
         f"{args.images} synthetic images (images_4x: {4 * args.images}), training seeds {seeds} (the synthetic "
