@@ -251,6 +251,8 @@ def run_variant(name: str, seed: int, args, out: Path) -> dict:
 
 
 def _cell(values: list[float]) -> str:
+    if not values:  # a metric the runs did not record (tune/mIoU without a tune split)
+        return ""
     mean, sd = mean_sd(values)
     return f"{100 * mean:.1f}" + ("" if sd is None else f" ± {100 * sd:.1f}")
 
@@ -282,6 +284,8 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
         f"`python experiments/shapes_study.py --images {args.images} --steps {args.steps} --seeds {args.seeds}"
         + (f" --model {args.model}" if args.model else "")
         + (f" --section {args.section}" if args.section != "segmentation" else "")
+        + (f" --variants {' '.join(args.variants)}" if list(args.variants) != list(VARIANTS) else "")
+        + (" --score-labels" if args.score_labels else "")
         + f"` (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}, digest "
         f"`{getattr(args, 'model_digest', '?')}`): "
         f"each variant trains the small DeepLabV3+ of `shapes_deeplab` for {args.steps} steps per stage on "
@@ -310,16 +314,19 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
                      f"{mean_sd(col('full', 'test/mIoU_tta'))[0] / mean_sd(real_tta)[0]:.3f} with TTA (target >= 0.90 with TTA)."]
     rows += ["", "'better' / 'worse': the variant's interval against full lies wholly above / below zero. For an "
                  "ablation that removes a part, 'worse' is evidence that the part helps, as the paper claims."]
-    paired = [(n, "no_selftrain", "test/mIoU", None) for n in SELFTRAIN] + [(n, n, "test/mIoU_tta", "test/mIoU") for n in ("full", "real")]
+    paired = ([(n, "no_selftrain", key, None) for n in SELFTRAIN for key in ("test/mIoU", "test/mIoU_tta")]
+              + [(n, n, "test/mIoU_tta", "test/mIoU") for n in ("full", "real")])
     paired = [p for p in paired if results.get(p[0]) and results.get(p[1])]
     if paired:
         rows += ["", "### Self-training against none, and TTA against none", "",
                  "Paired over seeds as above: one self-training round against `no_selftrain` (the same first stage: same "
-                 "seed, same labels), and each run's TTA test mIoU against its own plain test mIoU.", "",
+                 "seed, same labels), plain and with TTA on both sides, and each run's TTA test mIoU against its own "
+                 "plain test mIoU.", "",
                  "| comparison | seeds | difference [95% CI] | verdict |", "| --- | ---: | ---: | --- |"]
         for name, ref, key, ref_key in paired:
             delta, call = _paired(results, name, ref, key, ref_key)
-            what = f"{name} vs no_selftrain" if ref == "no_selftrain" else f"{name}: TTA vs plain"
+            what = (f"{name}: TTA vs plain" if ref == name else
+                    f"{name} vs no_selftrain" + (", both with TTA" if key == "test/mIoU_tta" else ""))
             n = len(set(results[name]) & set(results[ref]))
             rows.append(f"| {what} | {n} | {delta} | {call} |")
     if scores:
@@ -331,7 +338,7 @@ def write_results(text: str, section: str = "segmentation") -> None:
     write_section(RESULTS, section, text, "The shapes world: measurements")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=300)
@@ -351,6 +358,11 @@ def main() -> None:
                         help="the marked section of experiments/results/shapes.md to write (a study of another --model "
                              "keeps the main study's table)")
     parser.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that have metrics")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: use 1 or more")

@@ -107,3 +107,26 @@ def test_a_study_folder_refuses_another_generator(tmp_path):
     with pytest.raises(SystemExit, match="not a diffusers pipeline folder"):
         study.check_study(tmp_path / "x", argparse.Namespace(model=str(tmp_path), no_train=False, score_labels=False))
     assert not (tmp_path / "x").exists()  # checked before anything is written
+
+
+def test_the_table_names_the_command_that_reruns_it_and_pairs_self_training_with_none():
+    import shlex
+
+    import shapes_study as study
+
+    argv = ["--images", "500", "--steps", "200", "--seeds", "3", "--model", "m", "--section", "st",
+            "--variants", "full", "no_selftrain", "selftrain_teacher", "--score-labels"]
+    args = study.build_parser().parse_args(argv)
+    args.model_digest = "sha256:x"
+    base = {"full": 0.68, "no_selftrain": 0.74, "selftrain_teacher": 0.76}
+    results = {name: {seed: {"test/mIoU": v + 0.01 * k, "test/mIoU_tta": v + 0.04 + 0.01 * k + (0.01 if name == "selftrain_teacher" else 0)}
+                      for k, seed in enumerate((42, 43, 44))}
+               for name, v in base.items()}
+    text = study.table(results, args)
+    command = text.split("`python experiments/shapes_study.py ", 1)[1].split("`", 1)[0]
+    assert vars(study.build_parser().parse_args(shlex.split(command))) == vars(study.build_parser().parse_args(argv))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if " vs " in line}
+    # every seed 2 points above none plain, 3 points above with TTA on both sides: a zero-width interval
+    assert "| +2.0 [+2.0, +2.0] | better |" in rows["selftrain_teacher vs no_selftrain"]
+    assert "| +3.0 [+3.0, +3.0] | better |" in rows["selftrain_teacher vs no_selftrain, both with TTA"]
+    assert "| -6.0 [-6.0, -6.0] | worse |" in rows["full vs no_selftrain"]
