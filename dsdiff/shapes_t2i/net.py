@@ -27,7 +27,7 @@ import torch
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
 from dsdiff.diffusion import tokenizer as bpe
 from dsdiff.diffusion.pipeline import load_pipeline
-from dsdiff.io import replace_dir
+from dsdiff.io import replace_dir, write_json_atomic
 
 # Words of the shapes world's captions and class prompts; anything else falls apart into characters.
 SHAPES_WORDS: tuple[str, ...] = tuple(class_words(c) for c in SHAPES_CLASSES[1:]) + (
@@ -199,7 +199,7 @@ def save_pipeline(pipe, out_dir: str | Path, keep: Sequence[str] = ("MODEL_CARD.
     for config in tmp.glob("*/config.json"):  # a warm-started model's configs would name the folder it came from
         data = json.loads(config.read_text())
         if data.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            write_json_atomic(config, data)
     for name in keep:
         if (out_dir / name).is_file():
             shutil.copy2(out_dir / name, tmp / name)
