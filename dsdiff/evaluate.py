@@ -18,10 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsdiff.chain import test_stage
-from dsdiff.config import config_dir
-from dsdiff.io import write_json_atomic
-from dsdiff.runtime import StageLoggers, instantiate_loggers
+from dsdiff.chain.stages import test_stage
+from dsdiff.chain.config import config_dir
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.chain.runtime import StageLoggers, instantiate_loggers
 
 log = logging.getLogger("dsdiff")
 RUN_CONFIG = Path(".hydra") / "config.yaml"

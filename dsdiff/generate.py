@@ -17,12 +17,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.config import config_dir, to_plain
+from dsdiff.chain.config import config_dir
+from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
-from dsdiff.io import write_json_atomic
-from dsdiff.prompts import ensure_prompts
-from dsdiff.runtime import job_loggers
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.prompting.stage import ensure_prompts
+from dsdiff.chain.runtime import job_loggers
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
 from dsdiff.synthetic.store import check_output_dir

@@ -21,9 +21,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from dsdiff.config import config_dir
-from dsdiff.io import write_json_atomic
-from dsdiff.runtime import instantiate_callbacks, instantiate_loggers, log_config, to_float_dict
+from dsdiff.chain.config import config_dir
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.chain.runtime import instantiate_callbacks, instantiate_loggers, log_config, to_float_dict
 from dsdiff.shapes_t2i.net import save_pipeline
 
 log = logging.getLogger("dsdiff")

@@ -20,12 +20,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.config import config_dir, to_plain
+from dsdiff.chain.config import config_dir
+from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
-from dsdiff.io import write_json_atomic
-from dsdiff.runtime import job_loggers
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.chain.runtime import job_loggers
 from dsdiff.score.plan import (ScoreSettings, check_generator, results_config, results_dir, score_groups, scored_timesteps,
                                select_items, train_timesteps)
 from dsdiff.score.predict import ScoreModule, checked_rows, images_per_class, run_scoring

@@ -1,7 +1,7 @@
-"""`python -m dsdiff.train +experiment=NAME`: the whole method (dsdiff.chain), stage by stage, resumable.
+"""`python -m dsdiff.train +experiment=NAME`: the whole method (dsdiff.chain.stages), stage by stage, resumable.
 
 This entry point checks the config, builds the chain's objects from it (``hydra.utils.instantiate``)
-and runs :func:`dsdiff.chain.run_chain` in the run dir that :func:`dsdiff.runs.open_run` picks:
+and runs :func:`dsdiff.chain.stages.run_chain` in the run dir that :func:`dsdiff.chain.runs.open_run` picks:
 a fresh run, or with ``resume=true`` (the latest run of this task, if its settings match) or
 ``resume=DIR`` the chain being continued. With a synthetic training set (``data/train=synthetic``,
 see :func:`trains_on_synthetic`) the stages are generate, train, pseudo_<r>, selftrain_<r>, test;
@@ -20,13 +20,13 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
-from dsdiff.chain import ChainSettings, Factories, SelfTraining, run_chain
-from dsdiff.config import config_dir
+from dsdiff.chain.stages import ChainSettings, Factories, SelfTraining, run_chain
+from dsdiff.chain.config import config_dir
 from dsdiff.generate import generate
-from dsdiff.prompts import ensure_prompts
-from dsdiff.runs import open_run
-from dsdiff.runtime import instantiate_callbacks, instantiate_loggers, log_config, trainer_callbacks
-from dsdiff.selftrain import INITS, MODES
+from dsdiff.prompting.stage import ensure_prompts
+from dsdiff.chain.runs import open_run
+from dsdiff.chain.runtime import instantiate_callbacks, instantiate_loggers, log_config, trainer_callbacks
+from dsdiff.chain.selftrain import INITS, MODES
 
 log = logging.getLogger("dsdiff")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsdiff.io import write_text_atomic
+from dsdiff.utils.io import write_text_atomic
 
 
 def write_section(path: Path, name: str, text: str, title: str) -> None:

@@ -38,7 +38,7 @@ from dsdiff.diffusion import SyntheticGenerator, attention_to_labels  # noqa: E4
 from dsdiff.diffusion import attention  # noqa: E402
 from dsdiff.diffusion.attention import RecordingAttnProcessor  # noqa: E402
 from dsdiff.diffusion.masks import labels_from_maps, minmax_normalise, refine, upsample  # noqa: E402
-from dsdiff.io import write_json_atomic  # noqa: E402
+from dsdiff.utils.io import write_json_atomic  # noqa: E402
 from dsdiff.testing.tiny_sd import build_sd_shaped_pipeline  # noqa: E402
 
 from _results import write_section  # noqa: E402  (experiments/_results.py)

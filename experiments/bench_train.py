@@ -39,7 +39,7 @@ from dsdiff.data.datamodule import SegDataModule
 from dsdiff.data.transforms import TrainTransform
 from dsdiff.models.net import SegmentationNet
 from dsdiff.models.system import Segmenter, uncertainty_aware_ce
-from dsdiff.io import write_json_atomic
+from dsdiff.utils.io import write_json_atomic
 
 from _results import write_section  # experiments/_results.py
 

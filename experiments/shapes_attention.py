@@ -32,7 +32,7 @@ from dsdiff.data.shapes import ShapesDataset  # noqa: E402
 from dsdiff.diffusion import SyntheticGenerator  # noqa: E402
 from dsdiff.shapes_t2i.assets import SHAPES_T2I  # noqa: E402
 from dsdiff.shapes_t2i.scoring import score_generated, score_real, world_records  # noqa: E402
-from dsdiff.viz import save_sample_grid  # noqa: E402
+from dsdiff.viz.samples import save_sample_grid  # noqa: E402
 
 from _results import write_section  # noqa: E402  (experiments/_results.py)
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from dsdiff.data.classes import IGNORE_INDEX, SHAPES_CLASSES
 from dsdiff.diffusion.quality import confusion, mean_iou
-from dsdiff.io import read_jsonl_lines
+from dsdiff.utils.io import read_jsonl_lines
 from dsdiff.shapes_t2i.quality import colour_mask
 
 from _results import write_section  # experiments/_results.py

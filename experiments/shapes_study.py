@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsdiff.io import write_json_atomic
+from dsdiff.utils.io import write_json_atomic
 
 from _results import write_section  # experiments/_results.py
 from shapes_pseudo_quality import folder_score

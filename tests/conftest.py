@@ -52,7 +52,7 @@ def make_cfg(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from dsdiff.config import config_dir
+    from dsdiff.chain.config import config_dir
 
     def _make(overrides=(), config_name="train", output_dir=None):
         GlobalHydra.instance().clear()

@@ -4,10 +4,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from dsdiff.captioner import clean_caption
+from dsdiff.prompting.captioner import clean_caption
 from dsdiff.data.classes import COCO_CLASSES, VOC_CLASSES, class_words
 from dsdiff.diffusion.prompts import read_jsonl
-from dsdiff.prompts import ensure_prompts
+from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.testing.tiny_blip import save_tiny_blip
 
 PREFIXES = ["a photo of", "a picture of", "an image of"]
@@ -19,7 +19,7 @@ def tiny_blip(tmp_path_factory):
 
 
 def stage_cfg(tmp_path, class_list="voc", root="", **prompts):
-    base = OmegaConf.load(__import__("dsdiff.config", fromlist=["config_dir"]).config_dir() / "prompts" / "default.yaml")
+    base = OmegaConf.load(__import__("dsdiff.chain.config", fromlist=["config_dir"]).config_dir() / "prompts" / "default.yaml")
     base.dir = str(tmp_path / "prompts")
     base.source = "captions"
     return OmegaConf.create({"data": {"class_list": class_list}, "paths": {class_list: str(root)},
@@ -91,7 +91,7 @@ def test_a_crash_mid_captioning_keeps_finished_images(tmp_path, voc_expected, mo
     assert [by_image[i] for i in train] == ["a photo of run one"] * 2 + ["a photo of run two"] * 4
     assert not partial.exists()
     # a third run reuses the finished file without loading a captioner or reading the dataset
-    monkeypatch.setattr("dsdiff.prompts._voc_images", lambda *a: pytest.fail("read the dataset again"))
+    monkeypatch.setattr("dsdiff.prompting.stage._voc_images", lambda *a: pytest.fail("read the dataset again"))
     assert read_jsonl(ensure_prompts(cfg, load_captioner=lambda: pytest.fail("recaptioned"))) == records
 
 
@@ -184,7 +184,7 @@ def test_templates_and_bad_settings(tmp_path, voc_expected, make_cfg):
 
 
 def test_a_partial_file_cut_anywhere_resumes_into_valid_lines(tmp_path, voc_expected):
-    from dsdiff.captioner import caption_images
+    from dsdiff.prompting.captioner import caption_images
 
     images = {n: voc_expected["root"] / "JPEGImages" / f"{n}.jpg" for n in voc_expected["splits"]["train"][:3]}
     first, second, third = images

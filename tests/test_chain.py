@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsdiff.selftrain import combine
+from dsdiff.chain.selftrain import combine
 from dsdiff.testing.tiny_sd import save_tiny_pipeline
 from dsdiff.train import train
 
@@ -58,7 +58,7 @@ def test_chain_runs_every_stage_logs_to_wandb_and_resumes_without_redoing(make_c
 
     from dsdiff.data.transforms import EvalTransform
     from dsdiff.data.voc import read_rgb
-    from dsdiff.runtime import load_weights
+    from dsdiff.chain.runtime import load_weights
 
     teacher = hydra.utils.instantiate(objects["cfg"].model).eval()
     load_weights(teacher, stages["train"]["checkpoint"])
@@ -166,7 +166,7 @@ def _synthetic_folder(root, n, size=(12, 16)):
 def _pseudo(source, out, max_samples):
     import lightning as L
 
-    from dsdiff.selftrain import pseudo_label
+    from dsdiff.chain.selftrain import pseudo_label
 
     def make_trainer(callbacks):
         return L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
@@ -252,7 +252,7 @@ def test_shapes_deeplab_runs_the_whole_method_offline(make_cfg, tmp_path):
 
 
 def test_selftrain_init_teacher_starts_the_student_from_the_teachers_final_weights(make_cfg, tmp_path, monkeypatch):
-    from dsdiff import chain
+    from dsdiff.chain import stages as chain
 
     starts = {}
     fit_stage = chain.fit_stage

@@ -5,8 +5,8 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from dsdiff.config import config_dir
-from dsdiff.runtime import job_config
+from dsdiff.chain.config import config_dir
+from dsdiff.chain.runtime import job_config
 
 
 def _entry_point(path: Path) -> str:

@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dsdiff.evaluate import evaluate, find_run_config, with_run_config
-from dsdiff.runs import job_config
-from dsdiff.runtime import load_weights
+from dsdiff.chain.runs import job_config
+from dsdiff.chain.runtime import load_weights
 from dsdiff.train import train
 
 DEBUG = ["debug=fast", "trainer.max_steps=2", "trainer.val_check_interval=2"]

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from dsdiff.progress import LogProgress, format_progress
+from dsdiff.utils.progress import LogProgress, format_progress
 
 
 class Tiny(L.LightningModule):
@@ -61,7 +61,7 @@ def test_format():
 
 
 def test_pseudo_labelling_uses_it(tmp_path):
-    from dsdiff.selftrain import pseudo_label
+    from dsdiff.chain.selftrain import pseudo_label
 
     seen = []
 

@@ -3,8 +3,8 @@ import csv
 import json
 
 import pytest
-from dsdiff.runs import STAGES_FILE, Stages
-from dsdiff.runtime import TrainBatchGuard, instantiate_loggers
+from dsdiff.chain.runs import STAGES_FILE, Stages
+from dsdiff.chain.runtime import TrainBatchGuard, instantiate_loggers
 from dsdiff.testing.folders import write_voc_folder
 from dsdiff.train import train
 
@@ -28,7 +28,7 @@ def _die_in_first_stage(monkeypatch):
     def fit_stage(*args, **kwargs):
         raise Died("killed")
 
-    monkeypatch.setattr("dsdiff.chain.fit_stage", fit_stage)
+    monkeypatch.setattr("dsdiff.chain.stages.fit_stage", fit_stage)
 
 
 def _csv_steps(path):
@@ -144,7 +144,7 @@ def test_resumed_test_keeps_the_train_stage_metrics(make_cfg, voc_root, tmp_path
 def test_wandb_groups_by_chain_with_a_job_type_and_a_run_id_fixed_per_stage(make_cfg, tmp_path):
     from omegaconf import DictConfig
 
-    from dsdiff.runs import open_run
+    from dsdiff.chain.runs import open_run
 
     loggers_cfg = DictConfig({"wandb": {"_target_": "lightning.pytorch.loggers.wandb.WandbLogger", "project": "p",
                                         "name": "voc_real", "save_dir": str(tmp_path / "elsewhere")}})
@@ -192,7 +192,7 @@ def test_stages_file_lists_finished_stages_apart_from_the_record(tmp_path):
 
 
 def test_identity_ignores_where_outputs_go(make_cfg, tmp_path):
-    from dsdiff.runs import identity
+    from dsdiff.chain.runs import identity
 
     a = identity(make_cfg(["+experiment=voc_deeplab"], output_dir=tmp_path / "x"))
     b = identity(make_cfg(["+experiment=voc_deeplab", "logger=csv", "synthetic.overwrite=true"], output_dir=tmp_path / "y"))

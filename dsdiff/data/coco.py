@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dsdiff.data.classes import COCO_CATEGORIES, COCO_CLASSES, COCO_ID_TO_TRAIN_ID, IGNORE_INDEX
 from dsdiff.data.voc import SHOW, check_labels, draw_subset, missing_files, read_label_png, read_rgb
-from dsdiff.io import save_image_atomic
+from dsdiff.utils.io import save_image_atomic
 
 SPLITS = ("train", "val")
 ROOT_HINT = "pass paths.coco=<folder containing train2017/, val2017/ and annotations/>"
@@ -146,7 +146,7 @@ def write_masks(images: list[dict], by_image: dict[int, list[dict]], cache_dir: 
                               "pass cache_dir=<a writable folder>") from e
     for im in tqdm(images, desc=f"COCO {split}2017 masks", unit="mask", dynamic_ncols=True):
         final = cache_dir / f"{Path(im['file_name']).stem}.png"
-        # a pid-specific temp name (dsdiff.io), so concurrent writers (one per DDP rank) never share one
+        # a pid-specific temp name (dsdiff.utils.io), so concurrent writers (one per DDP rank) never share one
         save_image_atomic(Image.fromarray(semantic_mask(by_image[im["id"]], im["height"], im["width"])), final, format="PNG")
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dsdiff.data.classes import class_words
-from dsdiff.io import write_text_atomic
+from dsdiff.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from dsdiff.diffusion.quality import QualityTally
-from dsdiff.io import save_image_atomic
+from dsdiff.utils.io import save_image_atomic
 from dsdiff.score.predict import read_item
 from dsdiff.score.store import ScoreStore
-from dsdiff.viz import comparison_grid
+from dsdiff.viz.samples import comparison_grid
 
 
 def objective(miou: float, certain: float, min_certain: float) -> float:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsdiff.config import config_diff
-from dsdiff.io import ShardAppender, file_problem, read_jsonl_lines, write_json_atomic, write_text_atomic
+from dsdiff.utils.config import config_diff
+from dsdiff.utils.io import ShardAppender, file_problem, read_jsonl_lines, write_json_atomic, write_text_atomic
 from dsdiff.synthetic.store import save_label_png
 
 

@@ -27,7 +27,7 @@ import torch
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
 from dsdiff.diffusion import tokenizer as bpe
 from dsdiff.diffusion.pipeline import load_pipeline
-from dsdiff.io import replace_dir, write_json_atomic
+from dsdiff.utils.io import replace_dir, write_json_atomic
 
 # Words of the shapes world's captions and class prompts; anything else falls apart into characters.
 SHAPES_WORDS: tuple[str, ...] = tuple(class_words(c) for c in SHAPES_CLASSES[1:]) + (

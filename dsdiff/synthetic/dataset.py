@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from dsdiff.config import to_plain
+from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import IGNORE_INDEX, get_class_list
 from dsdiff.data.voc import read_label_png, read_rgb
 from dsdiff.synthetic.spec import GenerationPlan, sample_id

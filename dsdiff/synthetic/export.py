@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dsdiff.io import link_or_copy_atomic, replace_dir, save_image_atomic, write_text_atomic
+from dsdiff.utils.io import link_or_copy_atomic, replace_dir, save_image_atomic, write_text_atomic
 from dsdiff.synthetic.store import SyntheticStore
 
 log = logging.getLogger("dsdiff")

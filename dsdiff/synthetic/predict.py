@@ -26,14 +26,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dsdiff.config import config_diff
+from dsdiff.utils.config import config_diff
 from dsdiff.diffusion.pipeline import model_identity
-from dsdiff.io import write_json_atomic
-from dsdiff.progress import LogProgress
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.utils.progress import LogProgress
 from dsdiff.synthetic.export import export_folder
 from dsdiff.synthetic.spec import GenerationPlan, sample_groups, sample_id
 from dsdiff.synthetic.store import SyntheticStore, store_sample, summarize
-from dsdiff.viz import save_sample_grid
+from dsdiff.viz.samples import save_sample_grid
 
 log = logging.getLogger("dsdiff")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dsdiff.config import to_plain
+from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import class_words
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.pipeline import check_scheduler, model_identity

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dsdiff.config import config_diff
+from dsdiff.utils.config import config_diff
 from dsdiff.data.classes import IGNORE_INDEX, flat_palette
-from dsdiff.io import (ShardAppender, atomic_path, file_problem, read_jsonl_lines, save_image_atomic,
+from dsdiff.utils.io import (ShardAppender, atomic_path, file_problem, read_jsonl_lines, save_image_atomic,
                        stale_tmp_files, write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("dsdiff")

@@ -13,7 +13,7 @@ from dsdiff.data.classes import VOC_CLASSES
 from dsdiff.diffusion import PromptRecord, SyntheticGenerator
 from dsdiff.diffusion.attention import AttentionStore
 from dsdiff.testing.tiny_sd import build_tiny_sdxl_pipeline
-from dsdiff.viz import save_sample_grid
+from dsdiff.viz.samples import save_sample_grid
 
 VOC = {name: i for i, name in enumerate(VOC_CLASSES)}
 PROMPTS = ["a photo of a dog on a sofa", "a dining table and a tv monitor"]

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dsdiff.data.classes import VOC_CLASSES
-from dsdiff.viz import TITLE_HEIGHT, colorize_labels, heatmap, save_sample_grid
+from dsdiff.viz.samples import TITLE_HEIGHT, colorize_labels, heatmap, save_sample_grid
 
 
 def test_label_colours_use_the_voc_palette_with_uncertain_white():

@@ -29,7 +29,7 @@ def _compose_score(tmp: Path, *overrides: str, run: str = "run"):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from dsdiff.config import config_dir
+    from dsdiff.chain.config import config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):

@@ -11,7 +11,7 @@ from PIL import Image
 from dsdiff.data.shapes import ShapesDataset
 from dsdiff.diffusion.quality import QualityTally
 from dsdiff.score import predict
-from dsdiff.runtime import instantiate_loggers
+from dsdiff.chain.runtime import instantiate_loggers
 from dsdiff.score_labels import score_labels
 
 IMAGES, BATCH = 24, 8

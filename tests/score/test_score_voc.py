@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from dsdiff.data import voc
-from dsdiff.runtime import instantiate_loggers
+from dsdiff.chain.runtime import instantiate_loggers
 from dsdiff.score_labels import score_labels
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsdiff.config import asset_path
+from dsdiff.chain.config import asset_path
 
 GOLDEN = Path(__file__).with_name("golden_folders.json")
 

@@ -66,7 +66,7 @@ def test_write_through_with_a_bad_model_leaves_no_folder(tmp_path):
 
 
 def test_stream_and_cached_writer_store_the_same_sample_the_same_way(gen_inproc, tmp_path):
-    from dsdiff.config import to_plain
+    from dsdiff.utils.config import to_plain
 
     cached, streamed = tmp_path / "cached", tmp_path / "streamed"
     gen_inproc(cached, 4, "generator.batch_size=2", "synthetic.filters.drop_empty=true")

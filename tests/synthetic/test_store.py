@@ -186,7 +186,7 @@ def test_an_empty_image_is_skipped_with_its_path_and_is_not_done(tmp_path, caplo
 
 
 def test_a_cut_short_mask_or_jpeg_is_not_done(tmp_path):
-    from dsdiff.io import file_problem
+    from dsdiff.utils.io import file_problem
 
     store = SyntheticStore(tmp_path / "syn")
     store.prepare(CONFIG)

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from dsdiff.data.classes import IGNORE_INDEX
-from dsdiff.progress import LogProgress
+from dsdiff.utils.progress import LogProgress
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore, summarize
 from dsdiff.data.transforms import EvalTransform

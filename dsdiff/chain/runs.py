@@ -27,8 +27,8 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from dsdiff.config import config_diff
-from dsdiff.io import write_json_atomic
+from dsdiff.utils.config import config_diff
+from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
 STAGES_FILE = "stages.json"

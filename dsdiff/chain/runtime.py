@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
-from dsdiff.runs import chain_of, job_config
+from dsdiff.chain.runs import chain_of, job_config
 
 log = logging.getLogger("dsdiff")
 
@@ -45,7 +45,7 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
 def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, stage: str | None = None) -> list[Logger]:
     """Loggers from config; W&B is kept offline unless WANDB_MODE says otherwise, and out of ~/.
 
-    In a chain's run dir (one with a ``stages.json`` run record, see dsdiff.runs), every logger writes
+    In a chain's run dir (one with a ``stages.json`` run record, see dsdiff.chain.runs), every logger writes
     into that dir, even when a later invocation resumes the chain: W&B runs are grouped by the
     chain, with ``job_type`` the stage (``train`` for ``stage=None``) and a run id fixed per chain
     and stage, so a resumed stage continues its W&B run; CSV/TensorBoard use one version folder

@@ -8,7 +8,7 @@ With a synthetic training set (:attr:`ChainSettings.synthetic`) the stages are::
     selftrain_<r> <run>/selftrain_<r>/checkpoints: a new segmenter on them, r = 1..selftrain.rounds
     test          the final model on the real test split (VOC/COCO: val), plain and with TTA
 
-With real labels only ``train`` and ``test`` run. The run record (:class:`dsdiff.runs.Stages`,
+With real labels only ``train`` and ``test`` run. The run record (:class:`dsdiff.chain.runs.Stages`,
 ``<run>/stages.json``) holds each finished stage; a resumed chain skips them and resumes an
 interrupted training stage from its ``last.ckpt``.
 
@@ -31,11 +31,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import Logger
 
-from dsdiff.io import write_json_atomic
+from dsdiff.utils.io import write_json_atomic
 from dsdiff.models.checkpoint import LastCheckpoint
-from dsdiff.runs import Stages, final_checkpoint, merge_metrics
-from dsdiff.runtime import StageLoggers, load_weights, to_float_dict
-from dsdiff.selftrain import pseudo_label
+from dsdiff.chain.runs import Stages, final_checkpoint, merge_metrics
+from dsdiff.chain.runtime import StageLoggers, load_weights, to_float_dict
+from dsdiff.chain.selftrain import pseudo_label
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore
 
@@ -44,7 +44,7 @@ log = logging.getLogger("dsdiff")
 
 @dataclass(frozen=True)
 class SelfTraining:
-    """How many self-training rounds, and how the teacher's predictions become labels (dsdiff.selftrain)."""
+    """How many self-training rounds, and how the teacher's predictions become labels (dsdiff.chain.selftrain)."""
 
     rounds: int = 0
     mode: str = "replace"

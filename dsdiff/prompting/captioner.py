@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dsdiff.diffusion.prompts import parse_jsonl_line
-from dsdiff.io import write_text_atomic
+from dsdiff.utils.io import write_text_atomic
 
 log = logging.getLogger("dsdiff")
 

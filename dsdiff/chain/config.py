@@ -1,18 +1,16 @@
-"""Where the Hydra configs live, the resolvers they use (import before composing), and config helpers."""
+"""Where the Hydra configs live and the resolvers they use (import before composing)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
 
 
 def config_dir() -> Path:
     """The `conf/` folder: beside the package in a source checkout, inside it when installed."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package.parent / "conf", package / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
@@ -24,27 +22,10 @@ def config_dir() -> Path:
 
 def asset_path(name: str) -> str:
     """A folder shipped inside the package (``dsdiff/assets/<name>``), e.g. the shapes world's model."""
-    path = Path(__file__).resolve().parent / "assets" / name
+    path = Path(__file__).resolve().parents[1] / "assets" / name
     if not path.exists():
         raise FileNotFoundError(f"no shipped asset {name!r} at {path}: reinstall dsdiff, or rebuild it (`make pretrain`)")
     return str(path)
-
-
-def to_plain(cfg: Any) -> Any:
-    """A resolved plain container for a DictConfig; anything else as it is."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-    """Human-readable differences between two configuration dicts (``key: old -> new``)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 def _register_resolvers() -> None:

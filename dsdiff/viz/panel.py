@@ -15,7 +15,7 @@ from PIL import Image
 
 from dsdiff.data.classes import IGNORE_INDEX
 from dsdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from dsdiff.viz import colorize_labels
+from dsdiff.viz.samples import colorize_labels
 
 
 def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Pictures: sample grids of generated data (samples.py) and the validation panel (panel.py)."""
