@@ -5,18 +5,35 @@ import hydra
 import pytest
 from omegaconf import OmegaConf
 
-from dsdiff.chain.config import config_dir
+from dsdiff.chain.config import config_dir, entry_point_of as _entry_point, help_groups
 from dsdiff.chain.runtime import job_config
-
-
-def _entry_point(path: Path) -> str:
-    """The entry point an experiment file is for: its ``entry_point`` key, ``train`` when it has none."""
-    return OmegaConf.load(path).get("entry_point") or "train"
 
 
 _FILES = sorted((config_dir() / "experiment").glob("*.yaml"))
 EXPERIMENTS = [p.stem for p in _FILES if _entry_point(p) == "train"]  # composed with train.yaml
 PRETRAIN_EXPERIMENTS = [p.stem for p in _FILES if _entry_point(p) == "pretrain"]  # with pretrain.yaml
+
+
+def _listed(text: str) -> dict[str, list[str]]:
+    return {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in text.splitlines()}
+
+
+def test_help_lists_only_what_each_command_takes():
+    train = _listed(help_groups("train", "tune/mIoU"))
+    assert sorted(train["experiment"]) == sorted(EXPERIMENTS) and "shapes_t2i" not in train["experiment"]
+    assert train["hparams_search"] == ["voc_optuna"] and "shapes_t2i" not in train and "score" not in train
+    pretrain = _listed(help_groups("pretrain"))
+    assert sorted(pretrain["experiment"]) == sorted(PRETRAIN_EXPERIMENTS) and "data" not in pretrain
+    score = _listed(help_groups("score_labels", "labels/objective"))
+    assert score["hparams_search"] == ["labels_optuna"] and "score" in score
+
+
+def test_train_help_prints_the_filtered_groups():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "dsdiff.train", "--help"], capture_output=True, text=True, check=True).stdout
+    experiments = next(line for line in out.splitlines() if line.startswith("experiment: "))
+    assert "shapes_deeplab" in experiments and "shapes_t2i" not in experiments
 
 
 def test_experiments_exist():

@@ -28,10 +28,54 @@ def asset_path(name: str) -> str:
     return str(path)
 
 
+def entry_point_of(experiment: str | Path) -> str:
+    """The command an experiment file is for: its ``entry_point`` key, ``train`` when it has none."""
+    return OmegaConf.load(experiment).get("entry_point") or "train"
+
+
+def _default_groups(primary: Path) -> set[str]:
+    """The config groups a primary config's defaults list selects (``optional local@_global_`` -> ``local``)."""
+    groups = set()
+    for entry in OmegaConf.load(primary).get("defaults", []):
+        if isinstance(entry, str) and (primary.parent / f"{entry}.yaml").is_file():
+            groups |= _default_groups(primary.parent / f"{entry}.yaml")  # a primary config built on another
+        for key in entry.keys() if hasattr(entry, "keys") else ():
+            groups.add(key.removeprefix("optional ").removeprefix("override ").split("@")[0].lstrip("/"))
+    return groups
+
+
+def help_groups(config_name: str, optimized_metric: str | None = None) -> str:
+    """The ``--help`` list of config groups, with only those (and the options) a command takes.
+
+    A group is listed when the command's primary config (``config_name``) selects it in its defaults;
+    experiments are listed for the entry point they are for (``entry_point``: ``pretrain``'s for
+    ``dsdiff.pretrain``, the rest for the other commands), hyperparameter searches only where they
+    optimise the command's ``optimized_metric``.
+    """
+    root = config_dir()
+    used = _default_groups(root / f"{config_name}.yaml") | {"experiment"}
+    wanted = "pretrain" if config_name == "pretrain" else "train"
+    lines = []
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        group = folder.relative_to(root).as_posix()
+        options = sorted(folder.glob("*.yaml"))
+        if group.split("/")[0] not in used - {"hydra", "local"}:
+            continue
+        if group == "experiment":
+            options = [f for f in options if entry_point_of(f) == wanted]
+        elif group == "hparams_search":
+            options = [f for f in options if OmegaConf.load(f).get("optimized_metric") == optimized_metric]
+        if options:
+            lines.append(f"{group}: {', '.join(f.stem for f in options)}")
+    return "\n".join(lines)
+
+
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("classes"):
         # a ListConfig, not a list: OmegaConf.resolve (`--cfg job --resolve`) only stores config nodes
         OmegaConf.register_new_resolver("classes", lambda name: ListConfig(list(get_class_list(name).classes)))
+    if not OmegaConf.has_resolver("dsdiff_help_groups"):
+        OmegaConf.register_new_resolver("dsdiff_help_groups", help_groups)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
 
