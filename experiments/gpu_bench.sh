@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of issue 13 in one short run (about 6 minutes on one H100), from the repository root:
+# The GPU benchmark rows in one short run (about 6 minutes on one H100), from the repository root:
 #   1. bench_generation: SD 2.1-base layout, 512 px, fp16, batch 1 and 8, 20 DDIM steps, plain diffusers
 #      vs dsdiff; then channels-last at batch 8 and dsdiff alone at batch 16 and 32;
 #   2. bench_train: DeepLabV3 R101 (voc preset) and the demo's DeepLabV3+ R18 (shapes preset),

@@ -1,4 +1,5 @@
-"""Attention quality of the tiny shapes text-to-image model (issue 6 targets).
+"""Attention quality of the tiny shapes text-to-image model (targets: right-object
+>= 0.9, pointing >= 0.8, pseudo-mask mIoU >= 0.6).
 
 One run scores the model's class-prompt attention on the shapes world, side by side:
 1. real test images, noised at a few timesteps and read with their captions: pointing

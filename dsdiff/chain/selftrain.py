@@ -1,4 +1,4 @@
-"""Self-training (METHOD.md section 4): the trained segmenter relabels the synthetic images.
+"""Self-training (docs/self-training.md): the trained segmenter relabels the synthetic images.
 
 ``selftrain.mode`` chooses how its predictions become the next round's labels:
 

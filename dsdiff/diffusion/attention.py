@@ -1,4 +1,4 @@
-"""Attention recording (METHOD.md sections 1 and 3): diffusers processors and running sums.
+"""Attention recording (docs/method.md): diffusers processors and running sums.
 
 Only the layers whose maps are used get a recording processor (cross-attention at
 one resolution, self-attention at another); every other layer keeps SDPA. The

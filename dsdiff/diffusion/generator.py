@@ -1,4 +1,4 @@
-"""Stable Diffusion generation with attention capture (METHOD.md sections 2-3).
+"""Stable Diffusion generation with attention capture (docs/method.md).
 
 ``SyntheticGenerator`` wraps a diffusers pipeline. Its public recording API is what both
 sampling (``__call__``) and real-image scoring (:mod:`dsdiff.diffusion.real_images`) use:
@@ -78,7 +78,7 @@ class SyntheticGenerator:
     """Generate images and pixel labels from captions with a Stable Diffusion pipeline.
 
     The pipeline's UNet gets recording processors (its other layers get SDPA). Defaults are
-    METHOD.md's: 100 steps, guidance 7.5, and :class:`LabelSettings`' defaults for the labels
+    the paper's: 100 steps, guidance 7.5, and :class:`LabelSettings`' defaults for the labels
     (``labels=``, or its fields as keywords: ``cross_res=8, tau=1``).
     """
 

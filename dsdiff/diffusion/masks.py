@@ -1,4 +1,4 @@
-"""Attention maps to label maps (METHOD.md section 3): pure tensor functions, no state.
+"""Attention maps to label maps (the docs' method page, docs/method.md): pure tensor functions, no state.
 
 Shapes use K classes of one prompt, an (h, w) cross-attention grid, an (hs, ws)
 self-attention grid with N = hs * ws positions, and an output image size (H, W).

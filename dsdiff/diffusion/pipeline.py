@@ -1,4 +1,4 @@
-"""Loading a diffusers text-to-image pipeline, with the checks that need no weights (METHOD.md section 2).
+"""Loading a diffusers text-to-image pipeline, with the checks that need no weights (docs/method.md).
 
 A hub id or a local ``save_pretrained`` folder; SD 1.x/2.x, SDXL-layout UNets and pixel-space
 pipelines without a VAE. Every failure names ``generator.model`` (or the setting to fix).

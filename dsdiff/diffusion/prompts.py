@@ -1,4 +1,4 @@
-"""Prompts (METHOD.md section 1): captions joined with class labels, class prompts, token spans.
+"""Prompts (docs/prompts.md): captions joined with class labels, class prompts, token spans.
 
 A generation prompt is ``"<caption>; <class words>"``; the class prompt is the class
 words alone (``"dog dining table"``), and each class's map is the mean over all of

@@ -1,7 +1,7 @@
 """Attention on given (real) images: noise them, run the UNet once per timestep, label them.
 
 The same recorders, class-prompt cross-attention and attention-to-label rule as generation
-(METHOD.md section 3), but the image is given instead of sampled, so the maps can be scored
+(docs/method.md), but the image is given instead of sampled, so the maps can be scored
 against true masks: how well a model's attention finds the objects its caption names.
 """
 from __future__ import annotations

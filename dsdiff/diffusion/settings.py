@@ -1,4 +1,4 @@
-"""The labelling settings: how recorded attention becomes a label map (METHOD.md section 3).
+"""The labelling settings: how recorded attention becomes a label map (docs/method.md).
 
 One frozen dataclass, validated once when it is built. ``conf/generator/*.yaml`` builds it as the
 ``generator.labels`` node (``_target_: dsdiff.diffusion.settings.LabelSettings``); its
@@ -28,7 +28,7 @@ def check_thresholds(tau: float, alpha: float, beta: float, where: str = SETTING
 class LabelSettings:
     """tau, alpha, beta, the two attention resolutions, the timestep window and the map source.
 
-    Defaults are METHOD.md's: cross-attention at 16, self-attention at 32, ``refined = S^tau A`` with
+    Defaults are the paper's: cross-attention at 16, self-attention at 32, ``refined = S^tau A`` with
     tau 4, label where the max map >= alpha (0.6), background below beta (0.5), uncertain (255) in
     between, maps averaged over all denoising steps (``window``: a fraction range of the steps).
     ``class_prompt=False`` takes the maps from the prompt's own class-word tokens (an ablation).

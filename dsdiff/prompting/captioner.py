@@ -1,6 +1,6 @@
 """An image-captioning model (BLIP via transformers) that writes the captions prompts are made of.
 
-METHOD.md section 1: VOC's prompts are captions of its train images written by a BLIP-style
+As in the paper, VOC's prompts are captions of its train images written by a BLIP-style
 captioner, several per image, each started with a prefix ("a photo of", "a picture of") given
 to the text decoder as conditional text. The random-weight BLIP that tests caption with is in
 :mod:`dsdiff.testing.tiny_blip`.

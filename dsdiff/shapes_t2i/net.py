@@ -5,8 +5,8 @@
 - text encoder: ``CLIPTextModel`` with no transformer layer by default, i.e. learned word
   embeddings and the final LayerNorm. Position embeddings are zero and frozen
   (``positions=False``): a word's key is then the same in the caption and in the separately
-  encoded class prompt ("ball leaf"), which is what class-prompt cross-attention (METHOD.md
-  section 1) reads. The start token, present in every prompt, is free to act as an attention
+  encoded class prompt ("ball leaf"), which is what class-prompt cross-attention
+  (docs/method.md) reads. The start token, present in every prompt, is free to act as an attention
   sink. ``text_layers >= 1`` adds CLIP's causal self-attention layers: a word's state then
   carries the words before it, as in Stable Diffusion's encoder (the case the class prompt is for);
 - UNet: ``UNet2DConditionModel`` over (3 r^2, H/r, W/r) packed pixels, cross-attention in
