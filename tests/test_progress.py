@@ -77,3 +77,62 @@ def test_pseudo_labelling_uses_it(tmp_path):
     except Stop:
         pass
     assert any(isinstance(c, LogProgress) for c in seen)
+
+
+class TinyTest(Tiny):
+    def test_step(self, batch, batch_idx):
+        self.log("test/mIoU", self.layer(batch).abs().mean())
+
+
+def test_testing_logs_batches_and_a_device_line(caplog):
+    trainer = L.Trainer(callbacks=[LogProgress(percent=25)], logger=False, accelerator="cpu", enable_model_summary=False)
+    with caplog.at_level(logging.INFO, logger="dsdiff"):
+        trainer.test(TinyTest(), DataLoader(torch.randn(8, 2), batch_size=1), verbose=False)
+    assert [line.split(" batches")[0] for line in _lines(caplog, "test: ")] == [f"test: {k}/8" for k in (2, 4, 6, 8)]
+    (device,) = _lines(caplog, "device: ")
+    assert device.startswith("device: cpu") and "1 process, precision 32-true" in device
+    assert device.endswith("TinyTest: 3 parameters (3 trainable)")
+
+
+def test_the_test_metrics_are_logged_as_dsdiff_lines():
+    from dsdiff.chain.stages import test_lines
+
+    metrics = {"test/mIoU": 0.77796, "test/mIoU_tta": 0.81086, "test/IoU/background": 0.9439, "test/IoU/ball": 0.7824,
+               "test/IoU_tta/background": 0.9538, "test/IoU_tta/ball": 0.799}
+    assert test_lines(metrics) == ["test: mIoU 0.7780, mIoU_tta 0.8109", "test IoU: background 0.944, ball 0.782",
+                                   "test IoU_tta: background 0.954, ball 0.799"]
+
+
+def test_quiet_libraries_silences_lightning_chatter_and_dependency_deprecations(caplog, recwarn):
+    import warnings
+
+    from lightning.fabric.utilities.seed import seed_everything
+
+    from dsdiff.utils.quiet import QuietLibraries
+
+    loggers = ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.rank_zero")
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    with warnings.catch_warnings():
+        QuietLibraries().on_job_start(config=__import__("omegaconf").OmegaConf.create({"verbose": False}))
+        with caplog.at_level(logging.INFO):
+            seed_everything(3)
+        assert not [r for r in caplog.records if "Seed set to" in r.getMessage()]
+        # a dependency's deprecation is dropped, dsdiff's own is kept
+        warnings.warn_explicit("old api", FutureWarning, "x.py", 1, module="torch.utils._pytree")
+        warnings.warn_explicit("our own", FutureWarning, "y.py", 1, module="dsdiff.chain.stages")
+        assert [str(w.message) for w in recwarn] == ["our own"]
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_verbose_keeps_the_libraries_talking(caplog):
+    from lightning.fabric.utilities.seed import seed_everything
+    from omegaconf import OmegaConf
+
+    from dsdiff.utils.quiet import QuietLibraries
+
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.NOTSET)
+    QuietLibraries().on_job_start(config=OmegaConf.create({"verbose": True}))
+    with caplog.at_level(logging.INFO):
+        seed_everything(3)
+    assert any("Seed set to 3" in r.getMessage() for r in caplog.records)

@@ -31,13 +31,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import Logger
 
-from dsdiff.utils.io import write_json_atomic
-from dsdiff.models.checkpoint import LastCheckpoint
 from dsdiff.chain.runs import Stages, final_checkpoint, merge_metrics
 from dsdiff.chain.runtime import StageLoggers, load_weights, to_float_dict
 from dsdiff.chain.selftrain import pseudo_label
+from dsdiff.models.checkpoint import LastCheckpoint
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore
+from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
 
@@ -177,8 +177,26 @@ def test_stage(model: L.LightningModule, datamodule: L.LightningDataModule, trai
         # the checkpoint's state_dict holds the EMA weights; trainer.test(ckpt_path=...) would
         # restore the raw weights through the EMA callback instead
         load_weights(model, ckpt)
-    trainer.test(model, datamodule=datamodule)
-    return {k: v for k, v in to_float_dict(trainer.callback_metrics).items() if k.startswith("test/")}
+    trainer.test(model, datamodule=datamodule, verbose=False)  # the lines below replace Lightning's table
+    metrics = {k: v for k, v in to_float_dict(trainer.callback_metrics).items() if k.startswith("test/")}
+    for line in test_lines(metrics):
+        log.info("%s", line)
+    return metrics
+
+
+def test_lines(metrics: dict[str, float]) -> list[str]:
+    """``test: mIoU 0.7780, mIoU_tta 0.8109`` then one line of per-class IoU per family (``IoU``, ``IoU_tta``)."""
+    means = [f"{k[len('test/'):]} {v:.4f}" for k, v in metrics.items() if k.count("/") == 1]
+    lines = [f"test: {', '.join(means)}"] if means else []
+    families: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        if key.count("/") == 2:
+            _, family, name = key.split("/")
+            families.setdefault(family, []).append(f"{name} {value:.3f}")
+    return lines + [f"test {family}: {', '.join(items)}" for family, items in families.items()]
+
+
+test_lines.__test__ = False
 
 
 test_stage.__test__ = False  # not a test for pytest to collect where a test module imports it

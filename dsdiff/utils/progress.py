@@ -2,8 +2,10 @@
 
 Terminal bars (Rich, tqdm) print nothing useful when output goes to a file; this bar logs a
 line to the ``dsdiff`` logger every ``percent`` percent (and at the end), so a log file or a
-SLURM output shows how far training, generation and pseudo-labelling are. It is a Lightning
-``ProgressBar``, so a trainer that has it shows no other bar.
+SLURM output shows how far training, testing, generation and pseudo-labelling are. It is a
+Lightning ``ProgressBar``, so a trainer that has it shows no other bar. At the start of each
+trainer stage it logs one ``device:`` line (device, processes, precision, parameter count), in
+place of Lightning's "GPU available" lines and model summary table.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import math
 import time
 from datetime import timedelta
 
+import torch
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 log = logging.getLogger("dsdiff")
 
@@ -26,8 +30,25 @@ def format_progress(name: str, done: int, total: int | None, seconds: float, uni
     return f"{name}: {done} {unit}, {rate:.2f}/s"
 
 
+def device_line(trainer, module: torch.nn.Module) -> str:
+    """``device: cpu (no GPU found), 1 process, precision 32-true; SegmentationSystem: 11.5 M parameters (11.5 M trainable)``."""
+    device = trainer.strategy.root_device
+    if device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    elif torch.cuda.is_available():
+        where = f"{device.type} (a GPU is available, not used)"
+    else:
+        where = f"{device.type} (no GPU found)"
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    processes = f"{trainer.world_size} process{'es' if trainer.world_size != 1 else ''}"
+    count = lambda n: " ".join(get_human_readable_count(n).split())  # "11.5 M", "3"
+    return (f"device: {where}, {processes}, precision {trainer.precision}; {type(module).__name__}: "
+            f"{count(total)} parameters ({count(trainable)} trainable)")
+
+
 class LogProgress(ProgressBar):
-    """Logs training steps (against ``max_steps``) and prediction batches every ``percent`` percent.
+    """Logs training steps (against ``max_steps``), test and prediction batches every ``percent`` percent.
 
     ``refresh_rate``: also log every this many steps/batches (None: only by percent).
     """
@@ -68,6 +89,11 @@ class LogProgress(ProgressBar):
             self._next = done + self._step(total)
             log.info("%s%s", format_progress(name, done, total, time.monotonic() - self._start, unit, self._since), extra())
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._enabled and trainer.is_global_zero:
+            log.info("%s", device_line(trainer, pl_module))
+
     # -- training ---------------------------------------------------------------------------------
     def _train_total(self, trainer) -> int | None:
         if trainer.max_steps and trainer.max_steps > 0:
@@ -98,3 +124,16 @@ class LogProgress(ProgressBar):
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._count += 1
         self._tick(self.name or "predict", self._count, self._predict_total(), "batches")
+
+    # -- test (the test split; validation stays quiet: its metric rides on the training lines) ----
+    def _test_total(self) -> int | None:
+        total = sum(n for n in self.trainer.num_test_batches if math.isfinite(n))
+        return int(total) or None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._count = 0
+        self._begin(0, self._test_total())
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count += 1
+        self._tick("test", self._count, self._test_total(), "batches")
