@@ -136,3 +136,10 @@ def test_verbose_keeps_the_libraries_talking(caplog):
     with caplog.at_level(logging.INFO):
         seed_everything(3)
     assert any("Seed set to 3" in r.getMessage() for r in caplog.records)
+
+
+def test_the_device_line_gives_no_count_for_a_module_without_parameters():
+    from dsdiff.utils.progress import device_line
+
+    trainer = L.Trainer(logger=False, accelerator="cpu", enable_model_summary=False)
+    assert device_line(trainer, L.LightningModule()).endswith("1 process, precision 32-true")

@@ -43,8 +43,10 @@ def device_line(trainer, module: torch.nn.Module) -> str:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     processes = f"{trainer.world_size} process{'es' if trainer.world_size != 1 else ''}"
     count = lambda n: " ".join(get_human_readable_count(n).split())  # "11.5 M", "3"
-    return (f"device: {where}, {processes}, precision {trainer.precision}; {type(module).__name__}: "
-            f"{count(total)} parameters ({count(trainable)} trainable)")
+    line = f"device: {where}, {processes}, precision {trainer.precision}"
+    if total:  # a module that holds its model outside nn.Module attributes (generation) has no count to give
+        line += f"; {type(module).__name__}: {count(total)} parameters ({count(trainable)} trainable)"
+    return line
 
 
 class LogProgress(ProgressBar):
