@@ -33,8 +33,10 @@ def _instantiate_group(cfg: DictConfig | None, kind: str) -> list[Any]:
     objects = []
     for name, node in (cfg or {}).items():
         if isinstance(node, DictConfig) and "_target_" in node:
-            log.info("instantiating %s <%s>", kind, node._target_)
+            log.debug("instantiating %s <%s>", kind, node._target_)
             objects.append(hydra.utils.instantiate(node))
+    if objects:  # one line for the group
+        log.info("%ss: %s", kind, ", ".join(type(o).__name__ for o in objects))
     return objects
 
 
@@ -77,8 +79,10 @@ def instantiate_loggers(cfg: DictConfig | None, output_dir: str | Path, stage: s
                 extra.update(id=_wandb_id(f"{chain}-{job}-{digest}"), resume="allow")
         elif "CSVLogger" in target or "TensorBoardLogger" in target:
             extra["version"] = stage or "version_0"
-        log.info("instantiating logger <%s> for stage %s", target, job)
+        log.debug("instantiating logger <%s> for stage %s", target, job)
         loggers.append(hydra.utils.instantiate(node, **extra))
+    if loggers:
+        log.info("stage %s logs to %s", job, ", ".join(type(o).__name__ for o in loggers))
     return loggers
 
 
