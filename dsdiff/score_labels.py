@@ -70,6 +70,8 @@ def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]
     metrics = label_metrics(rows, class_names, settings.min_certain)
     output_dir = Path(cfg.paths.output_dir)
     grid = save_overlay_grid(store, dataset, items, settings.grid_rows, output_dir / "label_overlay.png")
+    if grid:
+        log.info("picture: label overlay -> %s", grid)
     result = {
         **metrics,
         "images_per_class": images_per_class(rows, class_names),

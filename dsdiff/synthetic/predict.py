@@ -182,6 +182,7 @@ def finish_folder(store: SyntheticStore, grid_size: int, class_names: Sequence[s
     made = made or {}
     samples = [made[e["id"]] if e["id"] in made else _disk_sample(store, e) for e in entries]
     path = save_sample_grid(samples, grid, class_names)
+    log.info("picture: synthetic samples -> %s", path)
     for logger in loggers:
         if hasattr(logger, "log_image"):
             logger.log_image(key="synthetic/samples", images=[str(path)])

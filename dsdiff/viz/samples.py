@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dsdiff.data.classes import IGNORE_INDEX, voc_palette
+from dsdiff.utils.io import save_image_atomic
 
 TITLE_HEIGHT = 12
 _HEAT = np.array([[0, 0, 0], [90, 0, 140], [220, 40, 60], [255, 160, 0], [255, 255, 200]], dtype=np.float32)
@@ -77,11 +78,8 @@ def sample_grid(samples: Sequence, class_names: Sequence[str] | None = None) -> 
 
 
 def save_sample_grid(samples: Sequence, path: str | Path, class_names: Sequence[str] | None = None) -> Path:
-    """Write :func:`sample_grid` as a PNG and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(samples, class_names).save(path, format="PNG")
-    return path
+    """Write :func:`sample_grid` as a PNG (atomically: a reader never sees half of one) and return its path."""
+    return save_image_atomic(sample_grid(samples, class_names), path, format="PNG")
 
 
 def comparison_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], min_side: int = 96) -> Image.Image:

@@ -2,6 +2,7 @@
 opens, the loggers, and a rerun that redoes only what was deleted (or nothing, loading no weights)."""
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from dsdiff.score_labels import score_labels
 IMAGES, BATCH = 24, 8
 ARGS = ["+experiment=shapes_deeplab", f"score.images={IMAGES}", f"score.batch_size={BATCH}", "score.timesteps=[100,300]",
         "score.grid_rows=3"]
+LOG_LINES: list[str] = []  # the dsdiff log of the module's first run
 
 
 def run(cfg):
@@ -28,7 +30,19 @@ def run(cfg):
 def first(tmp_path_factory, compose_score):
     tmp = tmp_path_factory.mktemp("shapes_score")
     cfg = compose_score(tmp, *ARGS)
-    return tmp, cfg, run(cfg)
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("dsdiff")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
+    try:
+        result = run(cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    LOG_LINES[:] = lines
+    return tmp, cfg, result
 
 
 def chance_baselines(result, world_size=200):
@@ -64,6 +78,7 @@ def test_writes_scores_grid_and_logs(first):
     assert saved["settings"]["labels"]["tau"] == cfg.generator.labels.tau and saved["settings"]["scored_timesteps"] == [300, 100]
     assert saved["settings"]["tune_split"]["split"] == "val"  # the shapes world's tune split, never its test split
     grid = Image.open(tmp / "run" / "label_overlay.png")
+    assert f"picture: label overlay -> {tmp / 'run' / 'label_overlay.png'}" in LOG_LINES
     assert grid.height >= 3 * 96 and grid.width >= 3 * 96  # 3 rows of image | true mask | labels, enlarged from 32 px
     with open(tmp / "run" / "csv" / "version_0" / "metrics.csv") as f:
         logged = next(csv.DictReader(f))
