@@ -27,10 +27,10 @@ test: $(STAMP)  ## the fast test suite
 test-full: $(STAMP)  ## every test, slow ones included
 	$(BIN)/python -m pytest -q -m ""
 
-bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/results/)
-	$(BIN)/python experiments/bench_generation.py
-	$(BIN)/python experiments/bench_train.py
-	$(BIN)/python experiments/bench_data.py
+bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/results/: --write-results)
+	$(BIN)/python experiments/bench_generation.py --write-results
+	$(BIN)/python experiments/bench_train.py --write-results
+	$(BIN)/python experiments/bench_data.py --write-results
 
 pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model (bag of words, then contextual) into dsdiff/assets/shapes_t2i (CPU, resumable)
 	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i

@@ -7,6 +7,10 @@ through a DataLoader with ``num_workers`` 0 and 2. Target: synthetic within 10% 
 
     python experiments/bench_data.py                 # 48 images, 5 passes per setting
     python experiments/bench_data.py --images 200 --workers 0 2 4
+    python experiments/bench_data.py --write-results    # update the shipped experiments/results/bench_data.md
+
+Writes ``bench_data.md`` into ``outputs/experiments/bench_data/<time>/`` (printed), or with
+``--write-results`` into experiments/results/ (``--out``: another path); the table names its command.
 """
 from __future__ import annotations
 
@@ -30,8 +34,11 @@ from dsdiff.synthetic.spec import sample_id
 from dsdiff.synthetic.store import SyntheticStore
 from dsdiff.data.transforms import TrainTransform
 from dsdiff.data.voc import VOCSegmentation
+from dsdiff.utils.io import write_text_atomic
 
-RESULTS = Path(__file__).parent / "results" / "bench_data.md"
+from _results import add_write_results, run_folder  # experiments/_results.py
+
+RESULTS = "bench_data.md"  # in the run's folder
 
 
 def photo_like(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +90,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=None, help=f"the results file (default: {RESULTS} in the run's folder)")
+    add_write_results(parser)
     args = parser.parse_args()
+    out = args.out or run_folder("bench_data", args.write_results) / RESULTS
     torch.manual_seed(0)
     transform = TrainTransform(crop_size=512)
     rows = []
@@ -106,7 +116,8 @@ def main() -> None:
     lines = [
         "# Synthetic reader vs VOC reader",
         "",
-        f"`python experiments/bench_data.py --images {args.images} --passes {args.passes}` "
+        f"`python experiments/bench_data.py --images {args.images} --passes {args.passes}"
+        f"{' --write-results' if args.write_results else ''}` "
         f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}).",
         f"{args.images} images of {args.size}x{args.size}, VOC training transforms with crop 512, batch {args.batch}; "
         "median samples/s over full passes, readers taking turns pass by pass in one run. Target: synthetic >= 0.9x VOC.",
@@ -116,9 +127,8 @@ def main() -> None:
         *[f"| {w} | {name} | {r:.1f} | {ratio:.3f} |" for w, name, r, ratio in rows],
         "",
     ]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines))
-    print(f"wrote {RESULTS}")
+    write_text_atomic(out, "\n".join(lines))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

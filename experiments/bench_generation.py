@@ -15,6 +15,11 @@ Targets (GPU): recording <= 1.05x time and <= 1.10x peak memory of plain diffuse
 
     python experiments/bench_generation.py                      # CPU: SD 2.1 layout at width 40, 512px
     python experiments/bench_generation.py --device cuda --dtype fp16 --batch 1 8 --steps 20
+    python experiments/bench_generation.py --write-results      # update the shipped experiments/results/
+
+Writes its section of ``bench_generation.md`` into ``outputs/experiments/bench_generation/<time>/``
+(printed), or with ``--write-results`` of experiments/results/bench_generation.md (``--out``: another
+path); the section names the command that made it.
 """
 from __future__ import annotations
 
@@ -41,9 +46,9 @@ from dsdiff.diffusion.masks import labels_from_maps, minmax_normalise, refine, u
 from dsdiff.utils.io import write_json_atomic  # noqa: E402
 from dsdiff.testing.tiny_sd import build_sd_shaped_pipeline  # noqa: E402
 
-from _results import write_section  # noqa: E402  (experiments/_results.py)
+from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
 
-RESULTS = Path(__file__).parent / "results" / "bench_generation.md"
+RESULTS = "bench_generation.md"  # in the run's folder
 PROMPTS = ["a photo of a dog on a sofa", "a person riding a horse", "a cat next to a bottle", "a bus in the street"]
 
 
@@ -415,9 +420,13 @@ def main() -> None:
     p.add_argument("--probe-batches", type=int, nargs="*", default=[], help="dsdiff alone at these larger batches")
     p.add_argument("--probe-repeats", type=int, default=1, help="timed runs per probe batch")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a shared machine)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help=f"the results file (default: {RESULTS} in the run's folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    add_write_results(p)
     args = p.parse_args()
+    if args.out is None:
+        args.out = run_folder("bench_generation", args.write_results) / RESULTS
+        print(f"results -> {args.out}", flush=True)
     args.argv = sys.argv[1:]
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -19,6 +19,11 @@ written to a temporary folder (VOC itself is not needed: step time does not depe
 
     python experiments/bench_train.py                                    # CPU, shapes preset
     python experiments/bench_train.py --device cuda --preset voc shapes --precision 32-true bf16-mixed --channels-last
+    python experiments/bench_train.py --write-results                    # update the shipped experiments/results/
+
+Writes its section of ``bench_train.md`` into ``outputs/experiments/bench_train/<time>/`` (printed), or
+with ``--write-results`` of experiments/results/bench_train.md (``--out``: another path); the section
+names the command that made it.
 """
 from __future__ import annotations
 
@@ -41,9 +46,9 @@ from dsdiff.models.net import SegmentationNet
 from dsdiff.models.system import Segmenter, uncertainty_aware_ce
 from dsdiff.utils.io import write_json_atomic
 
-from _results import write_section  # experiments/_results.py
+from _results import add_write_results, run_folder, write_section  # experiments/_results.py
 
-RESULTS = Path(__file__).parent / "results" / "bench_train.md"
+RESULTS = "bench_train.md"  # in the run's folder
 
 PRESETS = {
     "shapes": dict(classes=SHAPES_CLASSES, arch="deeplabv3plus", encoder="resnet18", output_stride=8,
@@ -81,7 +86,7 @@ def datamodule(p: dict, name: str, root: Path, workers: int | None = None) -> Se
         if not (root / "JPEGImages").is_dir():
             write_random_voc(root, n=48, size=512)
         train = partial(VOCSegmentation, root=root, split="train")
-    dm = SegDataModule(len(p["classes"]), train=train, val=None, batch_size=p["batch"],
+    dm = SegDataModule(len(p["classes"]), train=train, tune=None, test=None, batch_size=p["batch"],
                        train_transform=TrainTransform(p["crop"], p["scale_range"], True, p["photometric"]),
                        num_workers=p["workers"] if workers is None else workers, pin_memory=True)
     dm.setup("fit")
@@ -294,9 +299,13 @@ def main() -> None:
     ap.add_argument("--distinct", type=int, default=4, help="pre-made batches the loops cycle over")
     ap.add_argument("--loader-batches", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a shared machine)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help=f"the results file (default: {RESULTS} in the run's folder)")
     ap.add_argument("--json", type=Path, default=None)
+    add_write_results(ap)
     args = ap.parse_args()
+    if args.out is None:
+        args.out = run_folder("bench_train", args.write_results) / RESULTS
+        print(f"results -> {args.out}", flush=True)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -312,6 +321,7 @@ def main() -> None:
             if args.json:
                 write_json_atomic(args.json, {"device": device.type, "torch": torch.__version__, "rows": rows})
     print(text)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 Reads the log (``<run dir>/<task>.log``) and ``metrics.json`` of finished ``dsdiff.train`` runs
 and writes a table of stage wall times (from the log's timestamps: a stage lasts until the next
-one starts) to a section of experiments/results/bench_train.md:
+one starts) to a section of ``bench_train.md`` in ``outputs/experiments/demo_profile/<time>/`` (printed),
+or with ``--write-results`` of the shipped experiments/results/bench_train.md (``--out``: another path):
 
     python -m dsdiff.train +experiment=shapes_deeplab hydra.run.dir=/tmp/demo_new
-    python experiments/demo_profile.py "600 steps, 1000 images=/tmp/demo_old" "300 steps, 500 images=/tmp/demo_new"
+    python experiments/demo_profile.py "600 steps, 1000 images=/tmp/demo_old" "300 steps, 500 images=/tmp/demo_new" [--write-results]
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from _results import write_section  # experiments/_results.py
+from _results import add_write_results, run_folder, write_section  # experiments/_results.py
 
-RESULTS = Path(__file__).parent / "results" / "bench_train.md"
+RESULTS = "bench_train.md"  # in the run's folder
 LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^]]*\]\[INFO\] - (.*)$")
 STAGE = re.compile(r"^stage (\w+): ")
 END = "metrics written to"
@@ -48,7 +49,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", help="LABEL=RUN_DIR (a finished dsdiff.train run directory)")
     ap.add_argument("--note", default="", help="conditions of the runs (machine, load), printed under the table")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help=f"the results file (default: {RESULTS} in the run's folder)")
+    add_write_results(ap)
     args = ap.parse_args()
     runs = []
     for spec in args.runs:
@@ -63,7 +65,8 @@ def main() -> None:
     lines = [
         "## Demo profile: `python -m dsdiff.train +experiment=shapes_deeplab`",
         "",
-        f"Written by `python experiments/demo_profile.py {' '.join(repr(r) for r in args.runs)}`: wall seconds per stage "
+        f"Written by `python experiments/demo_profile.py {' '.join(repr(r) for r in args.runs)}"
+        f"{' --write-results' if args.write_results else ''}`: wall seconds per stage "
         "from each run's log timestamps (a stage lasts until the next starts; start-up before the first log line, "
         "about 15 s of imports, is not counted).",
         "",
@@ -78,8 +81,10 @@ def main() -> None:
         lines.append(f"| {key} | " + " | ".join(f"{m[key]:.3f}" if key in m else "" for *_, m in runs) + " |")
     if args.note:
         lines += ["", args.note]
-    write_section(args.out, "demo_profile", "\n".join(lines), "bench_train")
+    out = args.out or run_folder("demo_profile", args.write_results) / RESULTS
+    write_section(out, "demo_profile", "\n".join(lines), "bench_train")
     print("\n".join(lines))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,21 @@ Targets: right-object >= 0.9, pointing >= 0.8, pseudo-mask mIoU >= 0.6.
     python experiments/shapes_attention.py --sampler-study --generated 200 --dpm-steps 10,20
                                                                   # preset sampler vs DPM-Solver++: label mIoU, time
     python experiments/shapes_attention.py --model logs/shapes_t2i/run/pipeline --real 100 --generated 32
+    python experiments/shapes_attention.py --write-results        # update the shipped experiments/results/
+
+Writes its section of ``shapes.md`` (``--sampler-study``: of ``bench_generation.md``) and the sample
+grid ``shapes_attention_samples.png`` into ``outputs/experiments/shapes_attention/<time>/`` (printed),
+or with ``--write-results`` into the shipped experiments/results/ (``--out``, ``--sampler-out``,
+``--grid``: other paths). The section names the command that made it, ``--write-results`` included.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,11 +43,10 @@ from dsdiff.shapes_t2i.assets import SHAPES_T2I  # noqa: E402
 from dsdiff.shapes_t2i.scoring import score_generated, score_real, world_records  # noqa: E402
 from dsdiff.viz.samples import save_sample_grid  # noqa: E402
 
-from _results import write_section  # noqa: E402  (experiments/_results.py)
+from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
 
-RESULTS = Path(__file__).parent / "results" / "shapes.md"
-SAMPLER_RESULTS = Path(__file__).parent / "results" / "bench_generation.md"
-GRID = Path(__file__).parent / "results" / "shapes_attention_samples.png"
+RESULTS, SAMPLER_RESULTS, GRID = "shapes.md", "bench_generation.md", "shapes_attention_samples.png"  # in the run's folder
+log = logging.getLogger("dsdiff")
 COLUMNS = ("pointing", "right_object", "right_object_n", "mIoU", "uncertain")
 
 
@@ -54,7 +61,7 @@ def sampler_study(args, world) -> None:
 
     preset = yaml.safe_load((Path(__file__).parents[1] / "conf" / "generator" / "shapes.yaml").read_text())
     keys = ("cross_res", "self_res", "tau", "alpha", "beta", "guidance_scale")
-    settings = {k: preset[k] for k in keys}
+    settings = {k: {**preset, **preset.get("labels", {})}[k] for k in keys}  # the label settings live under generator.labels
     records = world_records(world, list(range(args.generated)))
     seeds = list(range(1000, 1000 + len(records)))
     variants = [(f"model's own ({preset['scheduler'] or 'DDIM'})", preset["scheduler"], preset["num_inference_steps"])]
@@ -82,7 +89,7 @@ def sampler_study(args, world) -> None:
         "## Faster sampler, equal labels (shapes world)",
         "",
         f"Written by `python experiments/shapes_attention.py --sampler-study --generated {args.generated} "
-        f"--dpm-steps {args.dpm_steps} --timing-rounds {args.timing_rounds}` (CPU, {args.threads} thread(s)). The shipped tiny model with "
+        f"--dpm-steps {args.dpm_steps} --timing-rounds {args.timing_rounds}{' --write-results' if args.write_results else ''}` (CPU, {args.threads} thread(s)). The shipped tiny model with "
         f"conf/generator/shapes.yaml's settings ({', '.join(f'{k} {settings[k]}' for k in keys)}), maps "
         f"averaged over all steps; {len(records)} test-split captions, the same seeds for every sampler; labels "
         "scored against the colour-derived masks (mIoU over certain pixels, background included), as the "
@@ -98,6 +105,7 @@ def sampler_study(args, world) -> None:
                      f"| {fmt(s['right_object'])} | {fmt(s.get('drawn', ''))} |")
     write_section(Path(args.sampler_out), "sampler_study", "\n".join(lines), "bench_generation")
     print("\n".join(lines))
+    print(f"wrote {args.sampler_out}")
 
 
 def main() -> None:
@@ -112,14 +120,23 @@ def main() -> None:
                     "SCHEDULERS, e.g. dpm-solver); default: the model's own (DDIM)")
     ap.add_argument("--sampler-study", action="store_true", help="only compare the generator preset's sampler with "
                     "DPM-Solver++ at --dpm-steps on generated images (label mIoU, time); writes a section of "
-                    "experiments/results/bench_generation.md")
+                    "bench_generation.md")
     ap.add_argument("--dpm-steps", default="10,15", help="DPM-Solver++ step counts for --sampler-study")
     ap.add_argument("--timing-rounds", type=int, default=3, help="interleaved timing rounds for --sampler-study")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--sampler-out", default=str(SAMPLER_RESULTS))
-    ap.add_argument("--grid", default=str(GRID))
+    ap.add_argument("--out", default=None, help=f"the results file (default: {RESULTS} in the run's folder)")
+    ap.add_argument("--sampler-out", default=None, help=f"--sampler-study's results file (default: {SAMPLER_RESULTS} there)")
+    ap.add_argument("--grid", default=None, help=f"the sample grid (default: {GRID} there)")
+    add_write_results(ap)
     args = ap.parse_args()
+    logging.basicConfig(format="%(message)s")  # dsdiff's info lines (picture: ...) on stderr; other libraries stay quiet
+    log.setLevel(logging.INFO)
+    if None in ([args.sampler_out] if args.sampler_study else [args.out, args.grid]):  # a run folder for what has no path
+        folder = run_folder("shapes_attention", args.write_results)
+        print(f"results -> {folder}", flush=True)
+        args.out = args.out or str(folder / RESULTS)
+        args.sampler_out = args.sampler_out or str(folder / SAMPLER_RESULTS)
+        args.grid = args.grid or str(folder / GRID)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     timesteps = [int(t) for t in args.timesteps.split(",")]
@@ -169,7 +186,7 @@ def main() -> None:
     lines = [
         "## Attention quality of the tiny text-to-image model",
         "",
-        f"Written by `python experiments/shapes_attention.py` ({minutes:.1f} min on CPU, {args.threads} thread(s)).",
+        f"Written by `{' '.join(['python experiments/shapes_attention.py', *sys.argv[1:]])}` ({minutes:.1f} min on CPU, {args.threads} thread(s)).",
         f"Model: `{os.path.relpath(args.model)}`" + (f" ({trained.get('steps')} steps, {trained.get('train_minutes')} training minutes)" if trained else "") + ".",
         f"Real: the first {args.real} test-split images, noised at t in {{{args.timesteps}}} (one noise draw each, attention "
         "averaged over them), read with `<caption>; <class words>`; truth = the true masks.",
@@ -190,8 +207,9 @@ def main() -> None:
     lines += ["", f"Sample grid `{Path(args.grid).name}` (image | class maps | label): 3 real rows for "
               "cross 8, self 16 with tau 4 then tau 0, then the same for generated images (last guidance)."]
     write_section(Path(args.out), "shapes_attention", "\n".join(lines), "The shapes world: measurements")
-    save_sample_grid(grid, args.grid, SHAPES_CLASSES)
+    log.info("picture: attention samples -> %s", save_sample_grid(grid, args.grid, SHAPES_CLASSES))
     print("\n".join(lines))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ as mIoU over certain pixels (background included), the certain share, and how th
 labels' wrong certain pixels and uncertain pixels fared (still wrong, fixed, made uncertain).
 
     python experiments/shapes_pseudo_quality.py --out logs/shapes_study   # the study's --out
+    python experiments/shapes_pseudo_quality.py --out logs/shapes_study --write-results
 
-and writes its section of experiments/results/shapes.md (its `pseudo` block).
+and writes its section (its `pseudo` block) of ``<--out>/shapes.md``, or with ``--write-results`` of
+the shipped experiments/results/shapes.md; the section names the command that made it.
 """
 from __future__ import annotations
 
@@ -31,9 +33,7 @@ from dsdiff.diffusion.quality import confusion, mean_iou
 from dsdiff.utils.io import read_jsonl_lines
 from dsdiff.shapes_t2i.quality import colour_mask
 
-from _results import write_section  # experiments/_results.py
-
-RESULTS = Path(__file__).parent / "results" / "shapes.md"
+from _results import add_write_results, run_folder, write_section  # experiments/_results.py
 
 
 def _png(path: Path) -> np.ndarray:
@@ -88,9 +88,9 @@ def run_rows(run: Path) -> dict:
             "pseudo": score(pseudo, truths), **transitions(attention, pseudo, truths)}
 
 
-def section(rows: list[dict], out: Path, minutes: float) -> str:
+def section(rows: list[dict], out: Path, minutes: float, write_results: bool = False) -> str:
     lines = ["### What self-training does to the labels", "",
-             f"`python experiments/shapes_pseudo_quality.py --out {out}` ({minutes:.1f} min): each study run's attention "
+             f"`python experiments/shapes_pseudo_quality.py --out {out}{' --write-results' if write_results else ''}` ({minutes:.1f} min): each study run's attention "
              "labels and its round-1 pseudo-labels, scored against the colour masks of the same synthetic images. "
              "mIoU over certain pixels; 'wrong → fixed / kept': of the attention labels' certain but wrong pixels, the "
              "share the pseudo-label gets right / keeps certain and wrong; 'band → right / wrong': the same for the "
@@ -109,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("logs/shapes_study"), help="the study's --out")
     parser.add_argument("--runs", nargs="*", default=None, help="run names under <out>/runs (default: every run with pseudo_1)")
+    add_write_results(parser)  # without it the section goes to <--out>/shapes.md
     args = parser.parse_args()
     runs_dir = args.out / "runs"
     if not runs_dir.is_dir():
@@ -116,9 +117,11 @@ def main() -> None:
     names = args.runs or sorted(p.name for p in runs_dir.iterdir() if (p / "pseudo_1" / "manifest.jsonl").is_file())
     t0 = time.time()
     rows = [run_rows(runs_dir / name) for name in names]
-    text = section(rows, args.out, (time.time() - t0) / 60)
-    write_section(RESULTS, "pseudo", text, "The shapes world: measurements")
+    text = section(rows, args.out, (time.time() - t0) / 60, args.write_results)
+    results = run_folder("shapes_pseudo_quality", args.write_results, args.out) / "shapes.md"
+    write_section(results, "pseudo", text, "The shapes world: measurements")
     print(text)
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

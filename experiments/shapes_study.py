@@ -1,11 +1,13 @@
 """The shapes world as a measuring stick: synthetic-only vs real-label segmenters, and ablations.
 
 Runs `python -m dsdiff.train` once per variant (each a config override of `shapes_deeplab`),
-reads each run's metrics.json, and writes the segmentation section of
-experiments/results/shapes.md (between `<!-- segmentation -->` markers; the attention section
-written by experiments/shapes_attention.py is kept):
+reads each run's metrics.json, and writes the segmentation section of ``<--out>/shapes.md``, or with
+``--write-results`` of the shipped experiments/results/shapes.md (between `<!-- segmentation -->`
+markers; the attention section written by experiments/shapes_attention.py is kept). The table names
+the command that made it, ``--write-results`` included, so rerunning that command remakes it:
 
     python experiments/shapes_study.py                       # every variant, 1000 images, 300 steps, 1 seed
+    python experiments/shapes_study.py --seeds 3 --write-results   # and update experiments/results/shapes.md
     python experiments/shapes_study.py --seeds 3             # 3 training seeds each: mean, sd, paired 95% intervals
     python experiments/shapes_study.py --images 2000 --steps 600 --variants full real
 
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from dsdiff.utils.io import write_json_atomic
 
-from _results import write_section  # experiments/_results.py
+from _results import add_write_results, run_folder, write_section  # experiments/_results.py
 from shapes_pseudo_quality import folder_score
 from _stats import mean_sd, paired_interval, spearman, spearman_p, verdict
 
@@ -286,6 +288,7 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
         + (f" --section {args.section}" if args.section != "segmentation" else "")
         + (f" --variants {' '.join(args.variants)}" if list(args.variants) != list(VARIANTS) else "")
         + (" --score-labels" if args.score_labels else "")
+        + (" --write-results" if getattr(args, "write_results", False) else "")
         + f"` (generator: {'`' + args.model + '`' if args.model else 'the shipped shapes model'}, digest "
         f"`{getattr(args, 'model_digest', '?')}`): "
         f"each variant trains the small DeepLabV3+ of `shapes_deeplab` for {args.steps} steps per stage on "
@@ -334,8 +337,8 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
     return "\n".join(rows)
 
 
-def write_results(text: str, section: str = "segmentation") -> None:
-    write_section(RESULTS, section, text, "The shapes world: measurements")
+def write_results(text: str, section: str = "segmentation", path: Path = RESULTS) -> None:
+    write_section(path, section, text, "The shapes world: measurements")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,9 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="generator: a diffusers pipeline folder for every synthetic "
                         "variant and score (default: the experiment's own, the shipped shapes model); use its own --out")
     parser.add_argument("--section", default="segmentation",
-                        help="the marked section of experiments/results/shapes.md to write (a study of another --model "
+                        help="the marked section of shapes.md to write (a study of another --model "
                              "keeps the main study's table)")
     parser.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that have metrics")
+    add_write_results(parser)  # without it the table goes to <--out>/shapes.md
     return parser
 
 
@@ -368,6 +372,8 @@ def main() -> None:
         parser.error(f"--seeds {args.seeds}: use 1 or more")
     out = args.out.resolve()
     check_study(out, args)
+    results = run_folder("shapes_study", args.write_results, out) / "shapes.md"
+    print(f"results -> {results}", flush=True)
     labelling = [name for name in LABELLING if name in args.variants] if args.score_labels else []
     for name in labelling:  # minutes each; workers split them as they split the runs
         if (args.rerun or not (out / "scores" / name / "label_scores.json").is_file()) and _claim(out, f"score-{name}", None, True):
@@ -394,11 +400,11 @@ def main() -> None:
         finally:
             _release(out, f"{name}-s{seed}")
         done.add(claimed)
-        write_results(table(_finished(out, todo), args, _scores(out, labelling)), args.section)  # a partial table survives an interruption
+        write_results(table(_finished(out, todo), args, _scores(out, labelling)), args.section, results)  # a partial table survives an interruption
     text = table(_finished(out, todo), args, _scores(out, labelling))
-    write_results(text, args.section)
+    write_results(text, args.section, results)
     print(text)
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

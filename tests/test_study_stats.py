@@ -115,7 +115,7 @@ def test_the_table_names_the_command_that_reruns_it_and_pairs_self_training_with
     import shapes_study as study
 
     argv = ["--images", "500", "--steps", "200", "--seeds", "3", "--model", "m", "--section", "st",
-            "--variants", "full", "no_selftrain", "selftrain_teacher", "--score-labels"]
+            "--variants", "full", "no_selftrain", "selftrain_teacher", "--score-labels", "--write-results"]
     args = study.build_parser().parse_args(argv)
     args.model_digest = "sha256:x"
     base = {"full": 0.68, "no_selftrain": 0.74, "selftrain_teacher": 0.76}
@@ -125,8 +125,30 @@ def test_the_table_names_the_command_that_reruns_it_and_pairs_self_training_with
     text = study.table(results, args)
     command = text.split("`python experiments/shapes_study.py ", 1)[1].split("`", 1)[0]
     assert vars(study.build_parser().parse_args(shlex.split(command))) == vars(study.build_parser().parse_args(argv))
+    assert command.endswith(" --write-results")  # rerunning it remakes the shipped table, not a run folder's copy
+    draft = study.build_parser().parse_args(argv[:-1])
+    draft.model_digest = "sha256:x"
+    assert "--write-results" not in study.table(results, draft)
+    assert not study.build_parser().parse_args(shlex.split(study.table(results, draft).split(
+        "`python experiments/shapes_study.py ", 1)[1].split("`", 1)[0])).write_results
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if " vs " in line}
     # every seed 2 points above none plain, 3 points above with TTA on both sides: a zero-width interval
     assert "| +2.0 [+2.0, +2.0] | better |" in rows["selftrain_teacher vs no_selftrain"]
     assert "| +3.0 [+3.0, +3.0] | better |" in rows["selftrain_teacher vs no_selftrain, both with TTA"]
     assert "| -6.0 [-6.0, -6.0] | worse |" in rows["full vs no_selftrain"]
+
+
+def test_studies_write_the_shipped_results_only_when_asked(tmp_path, monkeypatch):
+    import _results
+    import shapes_pseudo_quality as pseudo
+
+    shipped = Path(__file__).resolve().parents[1] / "experiments" / "results"
+    assert _results.RESULTS_DIR.resolve() == shipped
+    monkeypatch.chdir(tmp_path)
+    run = _results.run_folder("shapes_attention", False)
+    assert run.is_dir() and run.resolve().is_relative_to(tmp_path / "outputs" / "experiments" / "shapes_attention")
+    assert _results.run_folder("shapes_study", False, tmp_path / "study") == tmp_path / "study"
+    assert _results.run_folder("shapes_study", True, tmp_path / "study") == _results.RESULTS_DIR
+    # the pseudo-label section names the command that remakes it where it is
+    assert "`python experiments/shapes_pseudo_quality.py --out logs/s --write-results`" in pseudo.section([], Path("logs/s"), 0.1, True)
+    assert "`python experiments/shapes_pseudo_quality.py --out logs/s` (" in pseudo.section([], Path("logs/s"), 0.1)
