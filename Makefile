@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full bench pretrain docs clean
+.PHONY: help install demo test test-full bench pretrain docs clean clean-runs
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -39,5 +39,9 @@ pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model (bag 
 docs: $(STAMP)  ## build the documentation site into site/ (mkdocs --strict)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-clean:  ## remove run outputs (logs/, outputs/, multirun/)
+clean:  ## remove what builds and tests leave (site/, build/, dist/, caches); never runs (see clean-runs)
+	rm -rf site build dist .pytest_cache .ruff_cache *.egg-info
+	find . -path ./.venv -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+clean-runs:  ## DELETE every run and its checkpoints under logs/, outputs/, multirun/ (trained models included)
 	rm -rf logs outputs multirun

@@ -27,6 +27,7 @@ from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.chain.runs import open_run
 from dsdiff.chain.runtime import instantiate_callbacks, instantiate_loggers, log_config, trainer_callbacks
 from dsdiff.chain.selftrain import INITS, MODES
+from dsdiff.models.checkpoint import is_pruned
 
 log = logging.getLogger("dsdiff")
 
@@ -52,6 +53,19 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("train") and int(cfg.data.get("batch_size", 2)) < 2:
         raise ValueError(f"data.batch_size={cfg.data.batch_size}: the segmenter's BatchNorm layers need at least 2 "
                          "images per training batch; use data.batch_size=2 or more")
+    prune = cfg.get("prune_checkpoints", False)
+    if not isinstance(prune, bool):
+        raise ValueError(  # noqa: TRY004  (a setting's value: the config errors here are all ValueError)
+            f"prune_checkpoints={prune!r}: use true (once the test metrics are written, keep only the "
+            "final weights) or false (keep every stage's last.ckpt)")
+    if prune and not cfg.get("test"):
+        log.warning("prune_checkpoints=true with test=false: checkpoints are pruned only once a run's test metrics "
+                    "are written, so this invocation keeps them all")
+    ckpt = cfg.get("ckpt_path")
+    if cfg.get("train") and ckpt and Path(ckpt).is_file() and is_pruned(ckpt):
+        raise ValueError(f"ckpt_path={ckpt} holds final weights only (prune_checkpoints=true dropped its optimizer "
+                         "state), so training cannot resume from it: evaluate it (python -m dsdiff.evaluate "
+                         f"ckpt_path={ckpt}), or train without ckpt_path")
     selftrain = cfg.get("selftrain") or {}
     if selftrain.get("mode", "replace") not in MODES:
         raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use one of {', '.join(MODES)}")
@@ -80,7 +94,8 @@ def chain_settings(cfg: DictConfig) -> ChainSettings:
         selftrain=SelfTraining(rounds=int(selftrain.get("rounds", 0)), mode=selftrain.get("mode", "replace"),
                                threshold=selftrain.get("threshold", 0.9), tta=bool(selftrain.get("tta", False)),
                                batch_size=selftrain.get("batch_size", 8), init=selftrain.get("init", "scratch")),
-        progress=cfg.trainer.get("enable_progress_bar", True), output_dir=Path(cfg.paths.output_dir))
+        progress=cfg.trainer.get("enable_progress_bar", True), output_dir=Path(cfg.paths.output_dir),
+        prune_checkpoints=bool(cfg.get("prune_checkpoints", False)))
 
 
 def make_trainer(cfg: DictConfig, root: Path, loggers: list, callbacks: list | None = None) -> L.Trainer:

@@ -280,3 +280,49 @@ def test_a_bad_selftrain_init_is_refused_before_anything_is_written(make_cfg, tm
     with pytest.raises(ValueError, match="selftrain.init='teachr': use scratch"):
         train(cfg)
     assert not (tmp_path / "syn").exists() and not (tmp_path / "run" / "stages.json").exists()
+
+
+def test_prune_checkpoints_keeps_only_the_final_weights_and_evaluate_still_reads_them(make_cfg, tiny_sd, voc_root, tmp_path):
+    from omegaconf import OmegaConf
+
+    from dsdiff.chain.runs import identity, job_config
+    from dsdiff.evaluate import evaluate, with_run_config
+
+    run = tmp_path / "run"
+    overrides = [*CHAIN, f"generator.model={tiny_sd}", f"paths.voc={voc_root}", f"synthetic.dir={tmp_path / 'syn'}", "logger=csv"]
+    cfg = make_cfg([*overrides, "prune_checkpoints=true"], output_dir=run)
+    metrics, _ = train(cfg)
+    final = run / "selftrain_1" / "checkpoints" / "last.ckpt"
+    assert sorted(run.rglob("*.ckpt")) == [final] and not (run / "checkpoints").exists()
+    assert metrics["ckpt_path"] == str(final)
+    state = torch.load(final, map_location="cpu", weights_only=False)
+    assert {"state_dict", "global_step", "hyper_parameters"} <= set(state) and state["global_step"] == 5
+    assert not {"optimizer_states", "current_model_state", "averaging_state"} & set(state)
+    stages = json.loads((run / "stages.json").read_text())
+    [pruned] = stages["run"]["pruned"]
+    assert pruned["removed"] == [str(run / "checkpoints" / "last.ckpt")] and pruned["weights_only"] == [str(final)]
+    assert pruned["freed_mb"] > 0 and json.loads((run / "metrics.json").read_text())["test/mIoU"] == metrics["test/mIoU"]
+    # the setting is not part of the run's identity: the same run with or without it
+    assert identity(make_cfg(overrides, output_dir=tmp_path / "other"))["digest"] == stages["run"]["digest"]
+    # evaluate reads the pruned checkpoint: the same weights give the training run's test numbers
+    (run / ".hydra").mkdir()
+    OmegaConf.save(job_config(cfg), run / ".hydra" / "config.yaml")
+    eval_overrides = [f"ckpt_path={final}"]
+    evaluated, _ = evaluate(with_run_config(make_cfg(eval_overrides, config_name="eval", output_dir=tmp_path / "eval"), eval_overrides))
+    assert evaluated["test/mIoU"] == pytest.approx(metrics["test/mIoU"], abs=1e-6)
+    # resuming the finished, pruned run trains nothing and tests the pruned checkpoint again
+    again, _ = train(make_cfg([*overrides, "prune_checkpoints=true", f"resume={run}"], output_dir=tmp_path / "resumed"))
+    assert again["test/mIoU"] == pytest.approx(metrics["test/mIoU"], abs=1e-6) and sorted(run.rglob("*.ckpt")) == [final]
+    assert len(json.loads((run / "stages.json").read_text())["run"]["pruned"]) == 1  # nothing more to prune
+    # training cannot resume from final weights alone: refused before anything is written
+    with pytest.raises(ValueError, match="holds final weights only"):
+        train(make_cfg([*overrides, f"ckpt_path={final}"], output_dir=tmp_path / "from_pruned"))
+    assert not (tmp_path / "from_pruned" / "stages.json").exists()
+
+
+def test_a_bad_prune_checkpoints_is_refused_before_anything_is_written(make_cfg, tmp_path):
+    cfg = make_cfg(["+experiment=shapes_deeplab", f"synthetic.dir={tmp_path / 'syn'}", "prune_checkpoints=yes"],
+                   output_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="prune_checkpoints='yes': use true"):
+        train(cfg)
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "run" / "stages.json").exists()

@@ -191,6 +191,17 @@ def test_stages_file_lists_finished_stages_apart_from_the_record(tmp_path):
     assert stages.finished() == ["train"] and stages.get("train") == {"checkpoint": "x"}
 
 
+def test_the_final_stage_is_the_last_round_read_back_from_the_key_sorted_file(tmp_path):
+    from dsdiff.chain.runs import final_checkpoint, fitted_stages
+
+    stages = Stages(tmp_path)
+    for name in ("train", "pseudo_1", "selftrain_1", "pseudo_2", "selftrain_2", "selftrain_10"):
+        stages.mark(name, {"checkpoint": f"{name}.ckpt"})
+    stages = Stages(tmp_path)  # written with sorted keys: selftrain_1, selftrain_10, selftrain_2, train
+    assert fitted_stages(stages) == ["train", "selftrain_1", "selftrain_2", "selftrain_10"]
+    assert final_checkpoint(stages) == "selftrain_10.ckpt"
+
+
 def test_identity_ignores_where_outputs_go(make_cfg, tmp_path):
     from dsdiff.chain.runs import identity
 

@@ -38,7 +38,7 @@ RUN_KEY = "run"
 # logs and shows progress, how it is resumed, and which stages this invocation runs
 NEUTRAL = (
     "logger", "logger.*", "paths", "paths.*", "hydra", "hydra.*", "resume", "resume_force", "ckpt_path",
-    "tags", "train", "test",
+    "tags", "train", "test", "prune_checkpoints",
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.default_root_dir", "trainer.profiler",
     "callbacks.*.dirpath", "callbacks.progress_bar", "callbacks.progress_bar.*", "callbacks.lr_monitor",
@@ -123,6 +123,12 @@ class Stages:
 
     def mark(self, name: str, info: dict[str, Any]) -> None:
         self.data[name] = info
+        self._save()
+
+    def note(self, key: str, info: Any) -> None:
+        """Append ``info`` to the list ``key`` of the run's own entry (e.g. ``"pruned"``): about the run, not a stage."""
+        run = self.data.setdefault(RUN_KEY, {})
+        run[key] = [*run.get(key, []), info]
         self._save()
 
     def _save(self) -> None:
@@ -240,8 +246,13 @@ def _now() -> str:
 
 
 def fitted_stages(stages: Stages) -> list[str]:
-    """The finished training stages in the order they ran: ``train``, ``selftrain_1``, ..."""
-    return [name for name in stages.finished() if name == "train" or name.startswith("selftrain_")]
+    """The finished training stages in the order they ran: ``train``, ``selftrain_1``, ``selftrain_2``, ...
+    (by round: stages.json, written key-sorted, reads back ``selftrain_1`` before ``train``)."""
+    def order(name: str) -> tuple[int, int]:
+        round_ = name.removeprefix("selftrain_")
+        return (0, 0) if name == "train" else (1, int(round_) if round_.isdigit() else 0)
+
+    return sorted((name for name in stages.finished() if name == "train" or name.startswith("selftrain_")), key=order)
 
 
 def final_checkpoint(stages: Stages) -> str | None:

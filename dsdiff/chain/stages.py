@@ -18,6 +18,12 @@ labelled split disjoint from the test split, and the test split is used once, by
 ``<run>/metrics.json`` holds ``test/mIoU``, ``test/mIoU_tta``, the tested file (``ckpt_path``,
 ``ckpt: last``), the final stage's ``tune/mIoU`` (the sweep objective) and every fitted stage's
 metrics under ``<stage>/``; a resumed chain merges into it.
+
+Disk: every stage keeps its ``last.ckpt`` (EMA and raw weights and the optimizer state, so an
+interrupted stage resumes exactly). With ``prune_checkpoints=true`` a run whose test metrics are
+written keeps only what a finished run needs (:func:`prune_finished_run`): the earlier stages'
+checkpoints are deleted and the final one keeps its weights alone (what evaluate, pseudo-labels and
+``selftrain.init=teacher`` read); recorded under ``"pruned"`` in stages.json.
 """
 from __future__ import annotations
 
@@ -29,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import Logger
 
-from dsdiff.chain.runs import Stages, final_checkpoint, merge_metrics
+from dsdiff.chain.runs import Stages, final_checkpoint, fitted_stages, merge_metrics
 from dsdiff.chain.runtime import StageLoggers, load_weights, to_float_dict
 from dsdiff.chain.selftrain import pseudo_label
-from dsdiff.models.checkpoint import LastCheckpoint
+from dsdiff.models.checkpoint import LastCheckpoint, is_pruned, keep_weights_only
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore
 from dsdiff.utils.io import write_json_atomic
@@ -70,6 +77,7 @@ class ChainSettings:
     tune: bool = True               # there is a tune split: validate each stage's final weights on it
     progress: bool = True           # progress lines while pseudo-labelling
     output_dir: Path | None = None  # this invocation's own run dir, which gets a copy of metrics.json
+    prune_checkpoints: bool = False  # once the test metrics are written: keep the final weights only
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,48 @@ def run_chain(settings: ChainSettings, make: Factories, work: Path, stages: Stag
         for out in {work, *([settings.output_dir] if settings.output_dir else [])}:
             write_json_atomic(Path(out) / "metrics.json", result.metrics)
         log.info("metrics written to %s", work / "metrics.json")
+    if settings.prune_checkpoints and rank_zero_only.rank == 0:
+        prune_finished_run(work, stages)
     return result
+
+
+def prune_finished_run(work: Path, stages: Stages) -> dict[str, Any] | None:
+    """Free what a finished run no longer needs: delete the earlier training stages' checkpoints and keep
+    the final (and the tested) checkpoint's weights alone. Only once the test stage is recorded, and
+    only files inside ``work``. Returns what was done (also noted under ``"pruned"`` in stages.json)."""
+    if not stages.get("test"):
+        log.info("prune_checkpoints: %s has no test metrics yet; every checkpoint is kept", work)
+        return None
+    root = Path(work).resolve()
+
+    def ours(path: str | None) -> Path | None:
+        p = Path(path).resolve() if path else None
+        return p if p is not None and p.is_file() and p.is_relative_to(root) else None
+
+    keep = {p for p in (ours(final_checkpoint(stages)), ours(stages.get("test").get("checkpoint"))) if p}
+    removed, freed = [], 0
+    for name in fitted_stages(stages):
+        path = ours(stages.get(name).get("checkpoint"))
+        if path and path not in keep:
+            freed += path.stat().st_size
+            path.unlink()
+            removed.append(str(path))
+            if not any(path.parent.iterdir()):
+                path.parent.rmdir()
+    slimmed = []
+    for path in sorted(keep):
+        if not is_pruned(path):
+            freed += keep_weights_only(path)
+            slimmed.append(str(path))
+    if not (removed or slimmed):
+        return None
+    record = {"removed": removed, "weights_only": slimmed, "freed_mb": round(freed / 2**20, 1)}
+    stages.note("pruned", record)
+    kept = ", ".join(f"{p} ({p.stat().st_size / 2**20:.0f} MB)" for p in sorted(keep)) or "none"
+    log.info("prune_checkpoints: freed %.0f MB: removed %d earlier checkpoint(s), kept the final weights only: %s "
+             "(enough to evaluate, pseudo-label and start a student from; not to resume its training)",
+             freed / 2**20, len(removed), kept)
+    return record
 
 
 def _fit(name: str, root: Path, make: Factories, loggers: StageLoggers, settings: ChainSettings,
