@@ -18,10 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsdiff.chain.stages import test_stage
 from dsdiff.chain.config import config_dir
-from dsdiff.utils.io import write_json_atomic
 from dsdiff.chain.runtime import StageLoggers, instantiate_loggers
+from dsdiff.chain.stages import test_stage
+from dsdiff.utils.errors import exits_cleanly
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.utils.progress import LogProgress
 
 log = logging.getLogger("dsdiff")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -91,8 +93,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     net = {"encoder_weights": None} if "encoder_weights" in cfg.model.get("net", {}) else {}
     model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True), **({"net": net} if net else {}))
     with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
-        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers.open() or False, callbacks=[],
-                                                     default_root_dir=str(output_dir))
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers.open() or False,
+                                                     callbacks=[LogProgress()], default_root_dir=str(output_dir))
         metrics = test_stage(model, datamodule, trainer, cfg.ckpt_path)
         print(format_table(metrics))
         write_json_atomic(output_dir / "metrics.json", {**metrics, "ckpt_path": str(cfg.ckpt_path)})
@@ -112,6 +114,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
+@exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:
     evaluate(with_run_config(cfg, list(HydraConfig.get().overrides.task)))
 

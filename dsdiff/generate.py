@@ -18,17 +18,29 @@ import hydra
 from omegaconf import DictConfig
 
 from dsdiff.chain.config import config_dir
-from dsdiff.utils.config import to_plain
+from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
-from dsdiff.utils.io import write_json_atomic
 from dsdiff.prompting.stage import ensure_prompts
-from dsdiff.chain.runtime import job_loggers
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
 from dsdiff.synthetic.store import check_output_dir
+from dsdiff.utils.config import to_plain
+from dsdiff.utils.errors import exits_cleanly
+from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
+
+
+def check_generation(cfg: DictConfig) -> list[str]:
+    """The checks that need no weights (settings, the output folder, the tokenizer placing every class
+    name); returns the class names."""
+    generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
+    class_names = get_class_list(cfg.data.class_list).classes
+    check_settings(generator, synthetic)
+    check_output_dir(Path(synthetic["dir"]).expanduser())
+    check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
+    return class_names
 
 
 def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
@@ -38,10 +50,7 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     placing every class name) is checked before the prompts stage runs and before any file is written.
     """
     generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
-    class_names = get_class_list(cfg.data.class_list).classes
-    check_settings(generator, synthetic)
-    check_output_dir(Path(synthetic["dir"]).expanduser())
-    check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
+    class_names = check_generation(cfg)
     prompts = synthetic.get("prompts") or ensure_prompts(cfg)  # captions + class names, cached: after the cheap checks
     plan = GenerationPlan.from_settings(generator, synthetic, class_names, prompts=prompts)
 
@@ -53,8 +62,10 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
+    check_generation(cfg)  # before the loggers write their first file
     with job_loggers(cfg, output_dir) as loggers:
         summary = generate(cfg, loggers)
         write_json_atomic(output_dir / "generation.json", summary)

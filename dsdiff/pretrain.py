@@ -22,9 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from dsdiff.chain.config import config_dir
-from dsdiff.utils.io import write_json_atomic
-from dsdiff.chain.runtime import instantiate_callbacks, instantiate_loggers, log_config, to_float_dict
+from dsdiff.chain.runtime import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_config,
+    to_float_dict,
+)
 from dsdiff.shapes_t2i.net import save_pipeline
+from dsdiff.utils.errors import MissingPathError, SettingError, exits_cleanly
+from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
 
@@ -37,14 +43,14 @@ def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
         last = output_dir / "checkpoints" / "last.ckpt"
         return str(last) if last.is_file() else None
     if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {ckpt_path}: pass ckpt_path=<run dir>/checkpoints/last.ckpt, auto or null")
+        raise MissingPathError(f"no checkpoint at {ckpt_path}: pass ckpt_path=<run dir>/checkpoints/last.ckpt, auto or null")
     return str(ckpt_path)
 
 
 def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit (or, with ``train=false``, load ``ckpt_path``), then export the EMA pipeline; returns (metrics, objects)."""
     if cfg.get("entry_point") != "pretrain":
-        raise ValueError(f"this config is for `python -m dsdiff.{cfg.get('entry_point', 'train')}`, not dsdiff.pretrain")
+        raise SettingError(f"this config is for `python -m dsdiff.{cfg.get('entry_point', 'train')}`, not dsdiff.pretrain")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     if cfg.get("seed") is not None:
@@ -67,7 +73,7 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         steps = trainer.global_step
     else:
         if ckpt is None:
-            raise FileNotFoundError(f"train=false needs a checkpoint: none at {output_dir}/checkpoints/last.ckpt; pass ckpt_path=")
+            raise MissingPathError(f"train=false needs a checkpoint: none at {output_dir}/checkpoints/last.ckpt; pass ckpt_path=")
         checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["state_dict"])  # the EMA weights (WeightAveraging saves them there)
         model.on_load_checkpoint(checkpoint)
@@ -102,6 +108,7 @@ def warm_start(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="pretrain")
+@exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.overrides = list(HydraConfig.get().overrides.task)

@@ -12,8 +12,16 @@ from omegaconf import OmegaConf
 
 from dsdiff.chain.config import config_dir
 from dsdiff.data.classes import get_class_list
-from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE, build_records, fit_prompt, load_captions, read_jsonl, write_jsonl
+from dsdiff.diffusion.prompts import (
+    DEFAULT_TEMPLATE,
+    build_records,
+    fit_prompt,
+    load_captions,
+    read_jsonl,
+    write_jsonl,
+)
 from dsdiff.prompting.stage import dataset_image_labels, ensure_prompts, load_tokenizer
+from dsdiff.utils.errors import ConfigError, exits_cleanly
 
 log = logging.getLogger("dsdiff.prompts")
 
@@ -112,10 +120,35 @@ def _caption_cli(args: argparse.Namespace) -> Path:
     return out
 
 
+# the prompts stage's errors name its config keys; this command takes them as flags
+FLAGS = {"prompts.captioner": "--captioner", "prompts.captions": "--captions", "prompts.source=templates": "leaving out --captioner",
+         "paths.voc": "--root", "paths.coco": "--root", "prompts.split": "--split", "prompts.prefixes": "--prefixes",
+         "prompts.per_image": "--max-captions"}
+
+
+def as_flags(error: ConfigError) -> ConfigError:
+    """``error`` with the config keys it names replaced by this command's flags."""
+    text = str(error)
+    for key, flag in FLAGS.items():
+        text = text.replace(key, flag)
+    renamed = type(error).__new__(type(error))
+    Exception.__init__(renamed, text)
+    return renamed
+
+
+@exits_cleanly
+def run(argv: Sequence[str] | None = None) -> Path:
+    """:func:`main` as the command runs it: a ConfigError is one ``dsdiff: error:`` block (flags named), exit 2."""
+    try:
+        return main(argv)
+    except ConfigError as e:
+        raise as_flags(e) from e
+
+
 def cli() -> None:
     """The ``dsdiff-prompts`` console script: its wrapper exits with what this returns, so nothing."""
-    main()
+    run()
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(0 if run() else 1)

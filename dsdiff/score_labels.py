@@ -21,19 +21,43 @@ import hydra
 from omegaconf import DictConfig
 
 from dsdiff.chain.config import config_dir
-from dsdiff.utils.config import to_plain
+from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
-from dsdiff.utils.io import write_json_atomic
-from dsdiff.chain.runtime import job_loggers
-from dsdiff.score.plan import (ScoreSettings, check_generator, results_config, results_dir, score_groups, scored_timesteps,
-                               select_items, train_timesteps)
-from dsdiff.score.predict import ScoreModule, checked_rows, images_per_class, run_scoring
+from dsdiff.score.plan import (
+    ScoreSettings,
+    check_generator,
+    results_config,
+    results_dir,
+    score_groups,
+    scored_timesteps,
+    select_items,
+    train_timesteps,
+)
+from dsdiff.score.predict import (
+    ScoreModule,
+    checked_rows,
+    images_per_class,
+    run_scoring,
+)
 from dsdiff.score.report import label_metrics, save_overlay_grid
 from dsdiff.score.store import ScoreStore
+from dsdiff.utils.config import to_plain
+from dsdiff.utils.errors import SettingError, exits_cleanly
+from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
+
+
+def check_scoring(cfg: DictConfig) -> tuple[ScoreSettings, Any]:
+    """The score settings, the generator's labelling settings and the tune split, checked without weights."""
+    settings = ScoreSettings.of(to_plain(cfg.score))
+    labels = check_generator(to_plain(cfg.generator))
+    if cfg.data.get("tune") is None:
+        raise SettingError("data.tune=null: score_labels scores on the tune split (never on the test split); "
+                           "set data.tune (e.g. the dataset's default: 300 train images for VOC)")
+    return settings, labels
 
 
 def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
@@ -43,11 +67,7 @@ def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]
     tune split's size) is checked before any file is written.
     """
     generator, class_names = to_plain(cfg.generator), get_class_list(cfg.data.class_list).classes
-    settings = ScoreSettings.of(to_plain(cfg.score))
-    labels = check_generator(generator)
-    if cfg.data.get("tune") is None:
-        raise ValueError("data.tune=null: score_labels scores on the tune split (never on the test split); "
-                         "set data.tune (e.g. the dataset's default: 300 train images for VOC)")
+    settings, labels = check_scoring(cfg)
     check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
     timesteps = scored_timesteps(settings, labels, train_timesteps(generator["model"]))
     dataset = hydra.utils.instantiate(cfg.data.tune)()  # the tune split only: data.test is never built
@@ -91,9 +111,11 @@ def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="score_labels")
+@exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> float:
     """Returns the sweep objective (``labels/objective``; see conf/hparams_search/labels_optuna.yaml)."""
     output_dir = Path(cfg.paths.output_dir)
+    check_scoring(cfg)  # before the loggers write their first file
     with job_loggers(cfg, output_dir) as loggers:
         result = score_labels(cfg, loggers)
     log.info("label scores: mIoU %s, uncertain %s, pointing %s, right-object %s (%s)", result["labels/mIoU"],

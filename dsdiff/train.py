@@ -20,42 +20,65 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
-from dsdiff.chain.stages import ChainSettings, Factories, SelfTraining, run_chain
 from dsdiff.chain.config import config_dir
-from dsdiff.generate import generate
-from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.chain.runs import open_run
-from dsdiff.chain.runtime import instantiate_callbacks, instantiate_loggers, log_config, trainer_callbacks
+from dsdiff.chain.runtime import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_config,
+    trainer_callbacks,
+)
 from dsdiff.chain.selftrain import INITS, MODES
+from dsdiff.chain.stages import ChainSettings, Factories, SelfTraining, run_chain
+from dsdiff.data.datamodule import check_roots
+from dsdiff.diffusion.pipeline import MODEL_FIX
+from dsdiff.generate import generate
 from dsdiff.models.checkpoint import is_pruned
+from dsdiff.prompting.stage import ensure_prompts
+from dsdiff.synthetic.spec import check_settings
+from dsdiff.utils.config import to_plain
+from dsdiff.utils.errors import SettingError, exits_cleanly
+from dsdiff.utils.hub import model_source
 
 log = logging.getLogger("dsdiff")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail early, before any data or weights are loaded, on settings that cannot work."""
+    """Fail early, before any data or weights are loaded and before the run writes a file, on settings
+    that cannot work: values, the dataset folders, and (for a synthetic chain) the generation settings."""
+    check_values(cfg)
+    check_roots(cfg.data)
+    if trains_on_synthetic(cfg) and cfg.get("train"):
+        generator = to_plain(cfg.generator)
+        check_settings(generator, to_plain(cfg.synthetic))
+        if generator.get("model"):  # a missing folder, or a hub id that cannot be had now: at once
+            model_source(generator["model"], "generator.model", MODEL_FIX, probe="model_index.json")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The settings' values, each against what it can be."""
     crop = cfg.data.get("train_transform", {}).get("crop_size")
     stride = cfg.model.net.get("output_stride", 8)
     for side in [crop] if isinstance(crop, int) else list(crop or []):
         if side % stride:
-            raise ValueError(
+            raise SettingError(
                 f"data.train_transform.crop_size={crop} is not a multiple of the output stride {stride}: "
                 f"use e.g. {side - side % stride or stride}"
             )
     max_steps = cfg.trainer.get("max_steps")
     if cfg.get("train") and not cfg.trainer.get("fast_dev_run") and max_steps is not None and int(max_steps) <= 0:
-        raise ValueError(
+        raise SettingError(
             f"trainer.max_steps={max_steps} trains nothing (an untrained network would be tested and pseudo-label): "
             "set max_steps=<optimizer steps> (the paper: 20000 VOC, 40000 COCO), or train=false ckpt_path=FILE to only test")
     if not cfg.get("train") and cfg.get("test") and not cfg.get("ckpt_path") and not cfg.get("resume"):
-        raise ValueError("train=false test=true would test an untrained network: pass ckpt_path=<a checkpoint> "
+        raise SettingError("train=false test=true would test an untrained network: pass ckpt_path=<a checkpoint> "
                          "(e.g. <run dir>/checkpoints/last.ckpt), or resume=<run dir>")
     if cfg.get("train") and int(cfg.data.get("batch_size", 2)) < 2:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size}: the segmenter's BatchNorm layers need at least 2 "
+        raise SettingError(f"data.batch_size={cfg.data.batch_size}: the segmenter's BatchNorm layers need at least 2 "
                          "images per training batch; use data.batch_size=2 or more")
     prune = cfg.get("prune_checkpoints", False)
     if not isinstance(prune, bool):
-        raise ValueError(  # noqa: TRY004  (a setting's value: the config errors here are all ValueError)
+        raise SettingError(  # noqa: TRY004  (a setting's value: the config errors here are all ValueError)
             f"prune_checkpoints={prune!r}: use true (once the test metrics are written, keep only the "
             "final weights) or false (keep every stage's last.ckpt)")
     if prune and not cfg.get("test"):
@@ -63,14 +86,14 @@ def check_config(cfg: DictConfig) -> None:
                     "are written, so this invocation keeps them all")
     ckpt = cfg.get("ckpt_path")
     if cfg.get("train") and ckpt and Path(ckpt).is_file() and is_pruned(ckpt):
-        raise ValueError(f"ckpt_path={ckpt} holds final weights only (prune_checkpoints=true dropped its optimizer "
+        raise SettingError(f"ckpt_path={ckpt} holds final weights only (prune_checkpoints=true dropped its optimizer "
                          "state), so training cannot resume from it: evaluate it (python -m dsdiff.evaluate "
                          f"ckpt_path={ckpt}), or train without ckpt_path")
     selftrain = cfg.get("selftrain") or {}
     if selftrain.get("mode", "replace") not in MODES:
-        raise ValueError(f"selftrain.mode={selftrain.get('mode')!r}: use one of {', '.join(MODES)}")
+        raise SettingError(f"selftrain.mode={selftrain.get('mode')!r}: use one of {', '.join(MODES)}")
     if selftrain.get("init", "scratch") not in INITS:
-        raise ValueError(f"selftrain.init={selftrain.get('init')!r}: use scratch (a fresh student, the paper's) or "
+        raise SettingError(f"selftrain.init={selftrain.get('init')!r}: use scratch (a fresh student, the paper's) or "
                          "teacher (the student starts from the teacher's final weights)")
 
 
@@ -143,6 +166,7 @@ def on_the_fly_prompts(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> float | None:
     metrics, _ = train(cfg)
     value = metrics.get(cfg.get("optimized_metric"))

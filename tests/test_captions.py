@@ -4,11 +4,12 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from dsdiff.prompting.captioner import clean_caption
 from dsdiff.data.classes import COCO_CLASSES, VOC_CLASSES, class_words
 from dsdiff.diffusion.prompts import read_jsonl
+from dsdiff.prompting.captioner import clean_caption
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.testing.tiny_blip import save_tiny_blip
+from dsdiff.utils.errors import ConfigError
 
 PREFIXES = ["a photo of", "a picture of", "an image of"]
 
@@ -111,7 +112,7 @@ def test_other_settings_build_their_own_file_and_a_mismatched_cache_is_refused(t
 def test_a_missing_captioner_stops_before_anything_is_written(tmp_path, voc_expected, captioner):
     name = str(tmp_path / captioner) if captioner == "missing_folder" else captioner
     cfg = stage_cfg(tmp_path, root=voc_expected["root"], captioner=name)
-    with pytest.raises(RuntimeError, match="prompts.captioner=.*prompts.captions="):
+    with pytest.raises(ConfigError, match="prompts.captioner=.*prompts.captions="):
         ensure_prompts(cfg)
     assert not (tmp_path / "prompts").exists()
 
@@ -206,6 +207,6 @@ def test_generate_with_a_missing_captioner_writes_nothing(make_cfg, tmp_path, vo
     cfg = make_cfg(["+experiment=voc_deeplab", "debug=fast", f"paths.voc={voc_expected['root']}", f"generator.model={tiny_sd}",
                     f"paths.data_dir={tmp_path / 'data'}", f"synthetic.dir={tmp_path / 'syn'}",
                     f"prompts.captioner={tmp_path / 'no_blip'}", "synthetic.num_images=2"], output_dir=tmp_path / "run")
-    with pytest.raises(RuntimeError, match="prompts.captioner=.*no_blip.*prompts.captions="):
+    with pytest.raises(ConfigError, match="prompts.captioner=.*no_blip.*prompts.captions="):
         generate(cfg)
     assert not (tmp_path / "syn").exists() and not (tmp_path / "data").exists()

@@ -95,11 +95,11 @@ def test_testing_logs_batches_and_a_device_line(caplog):
 
 
 def test_the_test_metrics_are_logged_as_dsdiff_lines():
-    from dsdiff.chain.stages import test_lines
+    from dsdiff.utils.progress import metric_lines
 
     metrics = {"test/mIoU": 0.77796, "test/mIoU_tta": 0.81086, "test/IoU/background": 0.9439, "test/IoU/ball": 0.7824,
                "test/IoU_tta/background": 0.9538, "test/IoU_tta/ball": None}
-    assert test_lines(metrics) == ["test: mIoU 0.7780, mIoU_tta 0.8109", "test IoU: background 0.944, ball 0.782",
+    assert metric_lines(metrics) == ["test: mIoU 0.7780, mIoU_tta 0.8109", "test IoU: background 0.944, ball 0.782",
                                    "test IoU_tta: background 0.954, ball n/a"]
 
 

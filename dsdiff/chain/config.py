@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
+from dsdiff.utils.errors import MissingPathError
 
 
 def config_dir() -> Path:
@@ -14,7 +15,7 @@ def config_dir() -> Path:
     for candidate in (package.parent / "conf", package / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"dsdiff's configs were not found next to {package}: reinstall the package "
         "(`pip install .` ships them as dsdiff/conf) or run from a source checkout"
     )
@@ -24,7 +25,7 @@ def asset_path(name: str) -> str:
     """A folder shipped inside the package (``dsdiff/assets/<name>``), e.g. the shapes world's model."""
     path = Path(__file__).resolve().parents[1] / "assets" / name
     if not path.exists():
-        raise FileNotFoundError(f"no shipped asset {name!r} at {path}: reinstall dsdiff, or rebuild it (`make pretrain`)")
+        raise MissingPathError(f"no shipped asset {name!r} at {path}: reinstall dsdiff, or rebuild it (`make pretrain`)")
     return str(path)
 
 

@@ -28,6 +28,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from dsdiff.utils.config import config_diff
+from dsdiff.utils.errors import MissingPathError, SettingError
 from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
@@ -38,7 +39,7 @@ RUN_KEY = "run"
 # logs and shows progress, how it is resumed, and which stages this invocation runs
 NEUTRAL = (
     "logger", "logger.*", "paths", "paths.*", "hydra", "hydra.*", "resume", "resume_force", "ckpt_path",
-    "tags", "train", "test", "prune_checkpoints",
+    "tags", "train", "test", "verbose", "prune_checkpoints",
     "trainer.log_every_n_steps", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.default_root_dir", "trainer.profiler",
     "callbacks.*.dirpath", "callbacks.progress_bar", "callbacks.progress_bar.*", "callbacks.lr_monitor",
@@ -189,7 +190,7 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
     elif which is not None:
         work = Path(which).expanduser()
         if not (work / STAGES_FILE).is_file():
-            raise FileNotFoundError(f"resume={work}: no {STAGES_FILE} there, so it is not a dsdiff run dir: "
+            raise MissingPathError(f"resume={work}: no {STAGES_FILE} there, so it is not a dsdiff run dir: "
                                     "pass the dir of an earlier run (logs/<task>/runs/<time>), or resume=true")
     stages = Stages(work)
     if work == here and not stages.run:
@@ -202,13 +203,13 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
         else identity_diff(stages.run, new)
     if diff and not force:
         if which is None:  # hydra.run.dir points at an existing run
-            raise ValueError(
+            raise SettingError(
                 f"{work} already holds a run with other settings:\n  " + "\n  ".join(diff)
                 + f"\nChoose another hydra.run.dir for a fresh run, or pass resume_force=true to continue that run "
                 f"anyway (the change is recorded in its {STAGES_FILE})."
             )
         how = "resume=force" if which == "latest" else f"resume={work} resume_force=true"
-        raise ValueError(
+        raise SettingError(
             f"refusing to resume {work}: it was run with different settings:\n  " + "\n  ".join(diff)
             + f"\nRun without resume= for a fresh run, or pass {how} to continue it anyway (the change is recorded "
             f"in its {STAGES_FILE})."

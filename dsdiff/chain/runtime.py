@@ -21,6 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from dsdiff.chain.runs import chain_of, job_config
+from dsdiff.utils.errors import MissingPathError, SettingError
 
 log = logging.getLogger("dsdiff")
 
@@ -142,7 +143,7 @@ class TrainBatchGuard(Callback):
             ones = batch_size == 1 or n == 1 or (n is not None and not loader.drop_last and n % batch_size == 1)
             if ones:
                 size = "" if n is None else f" from {n} training image{'s' if n != 1 else ''}"
-                raise ValueError(
+                raise SettingError(
                     f"data.batch_size={batch_size}{size} gives a training batch of one image, and BatchNorm "
                     "cannot train on one image per batch: use data.batch_size=2 or more, and a training set "
                     "of at least 2 images (a synthetic set: raise synthetic.num_images, or relax synthetic.filters)"
@@ -205,19 +206,19 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
     """
     path = Path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass ckpt_path=<run dir>/checkpoints/<file>.ckpt")
+        raise MissingPathError(f"no checkpoint at {path}: pass ckpt_path=<run dir>/checkpoints/<file>.ckpt")
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): pass another checkpoint of the run (e.g. its last.ckpt)")
+        raise SettingError(f"checkpoint {path} is empty (0 bytes): pass another checkpoint of the run (e.g. its last.ckpt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises a different type for each way a file can be broken
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0].split('. ')[0][:160]}): "
+        raise SettingError(f"checkpoint {path} cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0].split('. ')[0][:160]}): "
                          "it is truncated or not a checkpoint; pass another checkpoint of the run") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
+        raise SettingError(f"{path} is not a Lightning checkpoint (no 'state_dict' key)")
     problem = weights_mismatch(model, checkpoint["state_dict"])
     if problem:
-        raise ValueError(f"checkpoint {path} does not fit the configured model: {problem}. Evaluate it with the "
+        raise SettingError(f"checkpoint {path} does not fit the configured model: {problem}. Evaluate it with the "
                          "config it was trained with (the run's .hydra/config.yaml, or the same +experiment and "
                          "model/data settings)")
     model.load_state_dict(checkpoint["state_dict"])

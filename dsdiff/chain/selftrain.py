@@ -32,10 +32,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from dsdiff.data.classes import IGNORE_INDEX
-from dsdiff.utils.progress import LogProgress
+from dsdiff.data.transforms import EvalTransform
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore, summarize
-from dsdiff.data.transforms import EvalTransform
+from dsdiff.utils.errors import SettingError
+from dsdiff.utils.progress import LogProgress
 
 log = logging.getLogger("dsdiff")
 MODES = ("replace", "fill_uncertain", "confident", "agree")
@@ -55,7 +56,7 @@ def combine(pred: torch.Tensor, confidence: torch.Tensor, current: torch.Tensor,
         uncertain = torch.full_like(pred, IGNORE_INDEX)
         filled = torch.where((current == IGNORE_INDEX) & (confidence >= threshold), pred, uncertain)
         return torch.where((current != IGNORE_INDEX) & (pred == current), current, filled)
-    raise ValueError(f"selftrain.mode={mode!r}: use one of {MODES}")
+    raise SettingError(f"selftrain.mode={mode!r}: use one of {MODES}")
 
 
 class _Pending(Dataset):
@@ -120,7 +121,7 @@ class PseudoLabeler(L.LightningModule):
     def __init__(self, segmenter: L.LightningModule, mode: str = "replace", threshold: float = 0.9, tta: bool = False) -> None:
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"selftrain.mode={mode!r}: use one of {MODES}")
+            raise SettingError(f"selftrain.mode={mode!r}: use one of {MODES}")
         self.segmenter, self.mode, self.threshold, self.tta = segmenter, mode, threshold, tta
 
     def predict_step(self, batch: dict, batch_idx: int = 0) -> list[tuple[dict, np.ndarray | None]]:

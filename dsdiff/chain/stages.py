@@ -44,7 +44,9 @@ from dsdiff.chain.selftrain import pseudo_label
 from dsdiff.models.checkpoint import LastCheckpoint, is_pruned, keep_weights_only
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore
+from dsdiff.utils.errors import SettingError
 from dsdiff.utils.io import write_json_atomic
+from dsdiff.utils.progress import metric_lines
 
 log = logging.getLogger("dsdiff")
 
@@ -187,27 +189,9 @@ def test_stage(model: L.LightningModule, datamodule: L.LightningDataModule, trai
         load_weights(model, ckpt)
     trainer.test(model, datamodule=datamodule, verbose=False)  # the lines below replace Lightning's table
     metrics = {k: v for k, v in to_float_dict(trainer.callback_metrics).items() if k.startswith("test/")}
-    for line in test_lines(metrics):
+    for line in metric_lines(metrics):
         log.info("%s", line)
     return metrics
-
-
-def test_lines(metrics: dict[str, float]) -> list[str]:
-    """``test: mIoU 0.7780, mIoU_tta 0.8109`` then one line of per-class IoU per family (``IoU``, ``IoU_tta``)."""
-    def num(value: float | None, digits: int) -> str:  # None: NaN, a class absent from the split and every prediction
-        return "n/a" if value is None else f"{value:.{digits}f}"
-
-    means = [f"{k[len('test/'):]} {num(v, 4)}" for k, v in metrics.items() if k.count("/") == 1]
-    lines = [f"test: {', '.join(means)}"] if means else []
-    families: dict[str, list[str]] = {}
-    for key, value in metrics.items():
-        if key.count("/") == 2:
-            _, family, name = key.split("/")
-            families.setdefault(family, []).append(f"{name} {num(value, 3)}")
-    return lines + [f"test {family}: {', '.join(items)}" for family, items in families.items()]
-
-
-test_lines.__test__ = False
 
 
 test_stage.__test__ = False  # not a test for pytest to collect where a test module imports it
@@ -291,7 +275,7 @@ def _teacher(checkpoint: str | None, trained: L.LightningModule | None, make_mod
         return model
     if trained is not None:  # e.g. fast_dev_run, which saves no checkpoint
         return trained
-    raise RuntimeError("self-training needs the trained model's checkpoint, and the train stage saved none: "
+    raise SettingError("self-training needs the trained model's checkpoint, and the train stage saved none: "
                        "keep the last_checkpoint callback, or set selftrain.rounds=0")
 
 
@@ -332,7 +316,7 @@ def _run(settings: ChainSettings, make: Factories, work: Path, stages: Stages, l
         init = None
         if settings.selftrain.init == "teacher":
             if not checkpoint:
-                raise RuntimeError("selftrain.init=teacher needs the teacher's checkpoint, and its stage saved none: keep "
+                raise SettingError("selftrain.init=teacher needs the teacher's checkpoint, and its stage saved none: keep "
                                    "the last_checkpoint callback, or use selftrain.init=scratch")
             init = checkpoint
         last = _fit(name, work / name, make, loggers, settings, train_set=train_set, init_weights=init)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsdiff.utils.errors import SettingError
+
 IGNORE_INDEX = 255
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -98,7 +100,7 @@ def get_class_list(name: str) -> ClassList:
     try:
         return CLASS_LISTS[name]
     except KeyError:
-        raise KeyError(f"unknown class list {name!r}; known: {sorted(CLASS_LISTS)}") from None
+        raise SettingError(f"unknown class list {name!r}; known: {sorted(CLASS_LISTS)}") from None
 
 # The built-in procedural world (dsdiff.data.shapes): each class has its own shape and colour family.
 SHAPES_CLASSES: tuple[str, ...] = ("background", "ball", "box", "leaf", "tent", "ring")

@@ -19,8 +19,21 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dsdiff.data.classes import COCO_CATEGORIES, COCO_CLASSES, COCO_ID_TO_TRAIN_ID, IGNORE_INDEX
-from dsdiff.data.voc import SHOW, check_labels, draw_subset, missing_files, read_label_png, read_rgb
+from dsdiff.data.classes import (
+    COCO_CATEGORIES,
+    COCO_CLASSES,
+    COCO_ID_TO_TRAIN_ID,
+    IGNORE_INDEX,
+)
+from dsdiff.data.voc import (
+    SHOW,
+    check_labels,
+    draw_subset,
+    missing_files,
+    read_label_png,
+    read_rgb,
+)
+from dsdiff.utils.errors import MissingPathError, NotWritableError, SettingError
 from dsdiff.utils.io import save_image_atomic
 
 SPLITS = ("train", "val")
@@ -61,7 +74,7 @@ def check_categories(categories: list[dict], path: Path) -> None:
     expected = dict(COCO_CATEGORIES)
     if found != expected:
         diff = sorted(set(found.items()) ^ set(expected.items()))[:6]
-        raise ValueError(f"categories in {path} differ from COCO 2017's 80 thing classes "
+        raise SettingError(f"categories in {path} differ from COCO 2017's 80 thing classes "
                          f"(dsdiff.data.classes.COCO_CLASSES); first differences (id, name): {diff}; "
                          "expected an unmodified instances_<split>2017.json")
 
@@ -69,10 +82,10 @@ def check_categories(categories: list[dict], path: Path) -> None:
 def load_annotations(root: Path, split: str) -> tuple[list[dict], dict[int, list[dict]]]:
     """Images (sorted by id) and their annotations from ``annotations/instances_<split>2017.json``."""
     if split not in SPLITS:
-        raise ValueError(f"unknown COCO split {split!r}; expected one of {SPLITS}")
+        raise SettingError(f"unknown COCO split {split!r}; expected one of {SPLITS}")
     path = root / "annotations" / f"instances_{split}2017.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no COCO annotations at {path}: expected root/annotations/"
+        raise MissingPathError(f"no COCO annotations at {path}: expected root/annotations/"
                                 f"instances_{split}2017.json; {ROOT_HINT}")
     with open(path) as f:
         data = json.load(f)
@@ -91,10 +104,10 @@ def resolve_split(split: str) -> tuple[str, Path | None]:
     path = Path(split).expanduser()
     if str(split).endswith(".txt") or path.is_file():
         if not path.is_file():
-            raise FileNotFoundError(f"no split file {path}: pass an existing list of train2017 image names "
+            raise MissingPathError(f"no split file {path}: pass an existing list of train2017 image names "
                                     f"(one file stem such as 000000000139 per line), or one of {SPLITS}")
         return "train", path
-    raise ValueError(f"unknown COCO split {split!r}; expected one of {SPLITS} or a .txt list of train2017 images")
+    raise SettingError(f"unknown COCO split {split!r}; expected one of {SPLITS} or a .txt list of train2017 images")
 
 
 def select_images(images: list[dict], subset: int | None, seed: int, listed: Path | None = None) -> list[dict]:
@@ -104,7 +117,7 @@ def select_images(images: list[dict], subset: int | None, seed: int, listed: Pat
         by_stem = {Path(im["file_name"]).stem: im for im in images}
         unknown = [n for n in names if n not in by_stem]
         if unknown or not names:
-            raise ValueError(f"{listed} lists {len(unknown)} images that are not in the train2017 annotations "
+            raise SettingError(f"{listed} lists {len(unknown)} images that are not in the train2017 annotations "
                              f"({', '.join(unknown[:SHOW])}{', ...' if len(unknown) > SHOW else ''}): list train2017 "
                              "file stems, one per line" if names else f"{listed} lists no images; expected one per line")
         keep = set(names)
@@ -126,11 +139,11 @@ def missing_masks(images: list[dict], cache_dir: Path) -> list[dict]:
 def check_images(image_dir: Path, images: list[dict]) -> None:
     """Fail, naming the first few, if the images folder or a listed image file is missing."""
     if not image_dir.is_dir():
-        raise FileNotFoundError(f"no COCO images folder {image_dir}: unpack {image_dir.name}.zip there; {ROOT_HINT}")
+        raise MissingPathError(f"no COCO images folder {image_dir}: unpack {image_dir.name}.zip there; {ROOT_HINT}")
     missing = missing_files([image_dir / im["file_name"] for im in images])
     if missing:
         shown = ", ".join(p.name for p in missing[:SHOW])
-        raise FileNotFoundError(f"{len(missing)} images listed in the {image_dir.name} annotations are missing from "
+        raise MissingPathError(f"{len(missing)} images listed in the {image_dir.name} annotations are missing from "
                                 f"{image_dir} ({shown}{', ...' if len(missing) > SHOW else ''}): "
                                 "add them (a complete unpack of the zip), or point paths.coco at a complete copy")
 
@@ -140,9 +153,9 @@ def write_masks(images: list[dict], by_image: dict[int, list[dict]], cache_dir: 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(cache_dir, os.W_OK):
-            raise PermissionError(f"{cache_dir} is not writable")
+            raise NotWritableError(f"{cache_dir} is not writable")
     except OSError as e:
-        raise PermissionError(f"cannot write COCO masks to {cache_dir} ({e}): "
+        raise NotWritableError(f"cannot write COCO masks to {cache_dir} ({e}): "
                               "pass cache_dir=<a writable folder>") from e
     for im in tqdm(images, desc=f"COCO {split}2017 masks", unit="mask", dynamic_ncols=True):
         final = cache_dir / f"{Path(im['file_name']).stem}.png"
@@ -212,7 +225,7 @@ class COCOSegmentation(Dataset):
         mask = read_label_png(mask_path)
         check_labels(mask, self.num_classes, mask_path)
         if mask.shape != tuple(image.shape[1:]):
-            raise ValueError(f"mask {mask_path} is {mask.shape} but image {self.image_dir / file_name} "
+            raise SettingError(f"mask {mask_path} is {mask.shape} but image {self.image_dir / file_name} "
                              f"is {tuple(image.shape[1:])}; delete {self.cache_dir} to rebuild the masks")
         mask = torch.from_numpy(mask)
         if self.transform is None:

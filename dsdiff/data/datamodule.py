@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dsdiff.data.classes import IGNORE_INDEX, get_class_list
+from dsdiff.utils.errors import SettingError
 
 DatasetFactory = Callable[..., Dataset]
 
@@ -31,6 +32,26 @@ def _prepare(factory: DatasetFactory | None) -> None:
     """Run a dataset class's one-process disk preparation (e.g. COCO mask caching), if it has one."""
     if isinstance(factory, partial) and hasattr(factory.func, "prepare_data"):
         factory.func.prepare_data(*factory.args, **{k: v for k, v in factory.keywords.items() if k != "transform"})
+
+
+def check_roots(data: Any) -> None:
+    """Raise, naming the ``paths`` setting, when a VOC or COCO split of ``data`` points at a missing folder
+    (checked before a run writes anything; the datasets check their files in detail when they load)."""
+    from pathlib import Path
+
+    from dsdiff.data import coco, voc
+    from dsdiff.utils.errors import MissingPathError
+
+    for split in ("train", "tune", "test"):
+        node = data.get(split) if hasattr(data, "get") else None
+        target = str(node.get("_target_", "")) if hasattr(node, "get") else ""
+        if not node or node.get("root") is None:
+            continue
+        if target.startswith("dsdiff.data.voc."):
+            voc.resolve_voc_root(node.get("root"))
+        elif target.startswith("dsdiff.data.coco.") and not (Path(str(node.get("root"))).expanduser() / "annotations").is_dir():
+            raise MissingPathError(f"no COCO 2017 folder at {node.get('root')} (data.{split}): expected "
+                                   f"{node.get('root')}/annotations/; {coco.ROOT_HINT}")
 
 
 class SegDataModule(L.LightningDataModule):
@@ -86,14 +107,14 @@ class SegDataModule(L.LightningDataModule):
             dataset = self.factories[split](transform=transform)
             found = getattr(dataset, "num_classes", self.num_classes)
             if found != self.num_classes:
-                raise ValueError(
+                raise SettingError(
                     f"the {split} dataset {type(dataset).__name__} has {found} classes but the model is "
                     f"configured for {self.num_classes}: set data.num_classes={found} or use a matching dataset"
                 )
             if self.class_list and hasattr(dataset, "classes"):
                 expected = get_class_list(self.class_list).classes
                 if tuple(dataset.classes) != tuple(expected):
-                    raise ValueError(
+                    raise SettingError(
                         f"the {split} dataset's classes {list(dataset.classes)[:4]}... are not the "
                         f"{self.class_list!r} class list {list(expected)[:4]}...: set data.class_list to match"
                     )
@@ -107,7 +128,7 @@ class SegDataModule(L.LightningDataModule):
             return
         shared = sorted(set(tune) & set(test))
         if shared:
-            raise ValueError(
+            raise SettingError(
                 f"the tune split shares {len(shared)} images with the test split ({', '.join(map(str, shared[:5]))}"
                 f"{', ...' if len(shared) > 5 else ''}): the test split must pick nothing; give data.tune images "
                 "outside the test split (e.g. drawn from the train list), or data.tune=null")

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
+from dsdiff.utils.errors import SettingError
 
 SPLIT_SIZES = {"train": 2000, "val": 200, "test": 200}
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -157,9 +158,9 @@ class ShapesDataset(Dataset):
     def __init__(self, split: str = "train", size: int | None = None, image_size: int = 32, seed: int = 0,
                  transform: Callable[[torch.Tensor, torch.Tensor], tuple] | None = None) -> None:
         if split not in _SPLIT_CODES:
-            raise ValueError(f"unknown shapes split {split!r}; expected one of {tuple(_SPLIT_CODES)}")
+            raise SettingError(f"unknown shapes split {split!r}; expected one of {tuple(_SPLIT_CODES)}")
         if image_size < 16:
-            raise ValueError(f"expected image_size >= 16 (rings need 10 px); found {image_size}")
+            raise SettingError(f"expected image_size >= 16 (rings need 10 px); found {image_size}")
         self.split = split
         self.size = SPLIT_SIZES[split] if size is None else int(size)
         self.image_size = image_size

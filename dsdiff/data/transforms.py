@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.utils.errors import SettingError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -127,13 +128,13 @@ class TrainTransform:
         cat_max_ratio: float | None = None,
     ) -> None:
         if cat_max_ratio is not None and not 0 < cat_max_ratio <= 1:
-            raise ValueError(f"cat_max_ratio={cat_max_ratio}: expected a share in (0, 1] (mmseg: 0.75), or null for a plain random crop")
+            raise SettingError(f"cat_max_ratio={cat_max_ratio}: expected a share in (0, 1] (mmseg: 0.75), or null for a plain random crop")
         self.cat_max_ratio = cat_max_ratio
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
-            raise ValueError(f"expected crop_size as an int or (height, width) >= 1; found {crop_size}")
+            raise SettingError(f"expected crop_size as an int or (height, width) >= 1; found {crop_size}")
         if not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"expected scale_range (low, high) with 0 < low <= high; found {scale_range}")
+            raise SettingError(f"expected scale_range (low, high) with 0 < low <= high; found {scale_range}")
         self.scale_range = tuple(scale_range)
         self.hflip = hflip
         self.photometric = photometric

@@ -1,8 +1,8 @@
 """PASCAL VOC 2012 semantic segmentation (21 classes, 255 = void border), read from the standard layout."""
 from __future__ import annotations
 
-from collections.abc import Callable
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
 from dsdiff.data.classes import IGNORE_INDEX, VOC_CLASSES
+from dsdiff.utils.errors import MissingPathError, SettingError
 
 ROOT_HINT = "pass paths.voc=<folder containing JPEGImages/ and SegmentationClass/>"
 # SBD-augmented training set: mmseg names its list aug.txt, most other tools train_aug.txt.
@@ -24,7 +25,7 @@ def draw_subset(ids: list[str], size: int | None, seed: int = 0) -> list[str]:
     if size is None or size >= len(ids):
         return list(ids)
     if size < 1:
-        raise ValueError(f"subset={size}: expected a positive number of images, or null for all")
+        raise SettingError(f"subset={size}: expected a positive number of images, or null for all")
     keep = set(np.random.default_rng(seed).choice(len(ids), size=size, replace=False).tolist())
     return [name for i, name in enumerate(ids) if i in keep]
 
@@ -47,7 +48,7 @@ def resolve_voc_root(root: str | Path) -> Path:
     for candidate in (root, root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
         if (candidate / "JPEGImages").is_dir():
             return candidate
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"no PASCAL VOC 2012 folder at {root}: expected {root}/JPEGImages or "
         f"{root}/VOCdevkit/VOC2012/JPEGImages; {ROOT_HINT}"
     )
@@ -56,10 +57,10 @@ def resolve_voc_root(root: str | Path) -> Path:
 def read_label_png(path: Path) -> np.ndarray:
     """A label PNG as uint8 (H, W) class indices: palette indices for P-mode, values for L-mode."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing mask {path}: every listed id needs a mask PNG there")
+        raise MissingPathError(f"missing mask {path}: every listed id needs a mask PNG there")
     with Image.open(path) as im:
         if im.mode not in ("P", "L"):
-            raise ValueError(f"mask {path} is a {im.mode} image; expected a palette (P) or grayscale (L) "
+            raise SettingError(f"mask {path} is a {im.mode} image; expected a palette (P) or grayscale (L) "
                              "PNG of class indices: convert colour masks to indices first")
         return np.array(im)
 
@@ -69,14 +70,14 @@ def check_labels(mask: np.ndarray, num_classes: int, path: Path) -> None:
     bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
     if bad.any():
         values = np.unique(mask[bad]).tolist()
-        raise ValueError(f"mask {path} holds labels {values}; expected 0..{num_classes - 1} or "
+        raise SettingError(f"mask {path} holds labels {values}; expected 0..{num_classes - 1} or "
                          f"{IGNORE_INDEX} (ignore): is it a mask for a different class list?")
 
 
 def read_rgb(path: Path) -> torch.Tensor:
     """An image file as a uint8 (3, H, W) RGB tensor."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing image {path}: every listed id needs an image there")
+        raise MissingPathError(f"missing image {path}: every listed id needs an image there")
     return decode_image(str(path), mode=ImageReadMode.RGB)
 
 
@@ -105,7 +106,7 @@ class VOCSegmentation(Dataset):
             self.mask_dir = self.root / "SegmentationClassAug"
             found = [lists / name for name in AUG_LISTS if (lists / name).is_file()]
             if not self.mask_dir.is_dir() or not found:
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"split 'train_aug' needs {self.mask_dir}/ and {lists}/train_aug.txt; "
                     "add the SBD-augmented masks and id list there, or use split='train'")
             split_file = found[0]
@@ -113,20 +114,20 @@ class VOCSegmentation(Dataset):
             self.mask_dir = self.root / "SegmentationClass"
             split_file = Path(split).expanduser()
             if not split_file.is_file():
-                raise FileNotFoundError(f"no split file {split_file}: pass an existing id list (one id per line), "
+                raise MissingPathError(f"no split file {split_file}: pass an existing id list (one id per line), "
                                         "or a split name such as train")
         else:
             self.mask_dir = self.root / "SegmentationClass"
             split_file = lists / f"{split}.txt"
             if not split_file.is_file():
                 known = sorted(p.stem for p in lists.glob("*.txt")) if lists.is_dir() else []
-                raise FileNotFoundError(f"no split file {split_file} for split {split!r}; "
+                raise MissingPathError(f"no split file {split_file} for split {split!r}; "
                                         f"splits found there: {known}; pass one of those")
         # Lines are ids ("2007_000032") or, in some train_aug lists, "/JPEGImages/<id>.jpg /Seg...png".
         lines = split_file.read_text().split("\n")
         self.ids = [Path(line.split()[0]).stem for line in lines if line.strip()]
         if not self.ids:
-            raise ValueError(f"split file {split_file} lists no image ids; expected one id per line")
+            raise SettingError(f"split file {split_file} lists no image ids; expected one id per line")
         self.split_file = split_file
         self.ids = draw_subset(self.ids, subset, subset_seed)
         self._check_files()
@@ -135,13 +136,13 @@ class VOCSegmentation(Dataset):
     def _check_files(self) -> None:
         """Fail now, naming the first few, if a listed id has no image or no mask."""
         if not self.mask_dir.is_dir():
-            raise FileNotFoundError(f"no mask folder {self.mask_dir} for the ids in {self.split_file}: "
+            raise MissingPathError(f"no mask folder {self.mask_dir} for the ids in {self.split_file}: "
                                     f"add the label PNGs there; {ROOT_HINT}")
         paths = [self.image_path(n) for n in self.ids] + [self.mask_path(n) for n in self.ids]
         missing = missing_files(paths)
         if missing:
             shown = ", ".join(str(p.relative_to(self.root)) for p in missing[:SHOW])
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"{len(missing)} files listed by {self.split_file} are missing under {self.root} "
                 f"({shown}{', ...' if len(missing) > SHOW else ''}): add them, or remove their ids from the list")
 
@@ -166,7 +167,7 @@ class VOCSegmentation(Dataset):
         image = read_rgb(self.image_path(name))
         mask = torch.from_numpy(self.read_mask(name))
         if mask.shape != image.shape[1:]:
-            raise ValueError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
+            raise SettingError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
                              f"{self.image_path(name)} is {tuple(image.shape[1:])}; expected equal sizes")
         if self.transform is None:
             return {"image": image, "mask": mask.long(), "name": name}

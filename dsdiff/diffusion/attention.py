@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from dsdiff.utils.errors import SettingError
+
 
 def attention_layer_sizes(unet, latent_hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
     """Spatial (h, w) grid of every attention processor of a UNet2DConditionModel for a latent size."""
@@ -228,7 +230,7 @@ def recording_processors(
     for kind, res in (("cross", cross_res), ("self", self_res)):
         if not found[kind]:
             available = sorted({hw[0] for hw in sizes.values()}, reverse=True)
-            raise ValueError(
+            raise SettingError(
                 f"no {kind}-attention layer at resolution {res} for a {latent_hw[0]}x{latent_hw[1]} latent; "
                 f"this UNet has attention at {available}: set {kind}_res to one of them"
             )

@@ -25,13 +25,31 @@ import numpy as np
 import torch
 
 from dsdiff.data.classes import IGNORE_INDEX, class_words
-from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
+from dsdiff.diffusion.attention import (
+    AttentionStore,
+    RecordingAttnProcessor,
+    recording_processors,
+)
 from dsdiff.diffusion.masks import attention_to_labels
-from dsdiff.diffusion.pipeline import (check_class_names, image_to_latent_factor, is_pixel_space, latent_size, load_pipeline,
-                                       resolve_dtype, set_scheduler)
+from dsdiff.diffusion.pipeline import (
+    check_class_names,
+    image_to_latent_factor,
+    is_pixel_space,
+    latent_size,
+    load_pipeline,
+    resolve_dtype,
+    set_scheduler,
+)
 from dsdiff.diffusion.pixels import latents_to_images
-from dsdiff.diffusion.prompts import PromptRecord, class_token_spans, find_class_ids, fit_prompt, prompt_token_spans
+from dsdiff.diffusion.prompts import (
+    PromptRecord,
+    class_token_spans,
+    find_class_ids,
+    fit_prompt,
+    prompt_token_spans,
+)
 from dsdiff.diffusion.settings import LabelSettings
+from dsdiff.utils.errors import SettingError
 
 log = logging.getLogger(__name__)
 # the generator config keys that are sampling arguments of SyntheticGenerator (None: the pipeline's own)
@@ -167,7 +185,7 @@ class SyntheticGenerator:
                 p, ids, extra = rec.prompt, rec.class_ids, {"id": rec.id, "image_id": rec.image_id}
             bad = [i for i in ids if not 0 < i < len(self.class_names)]
             if bad:
-                raise ValueError(f"class ids {bad} are not prompt classes of this {len(self.class_names)}-class list (0 is background)")
+                raise SettingError(f"class ids {bad} are not prompt classes of this {len(self.class_names)}-class list (0 is background)")
             words = [class_words(self.class_names[i]) for i in ids]
             out.append(Request(fit_prompt(self.pipe.tokenizer, p, words), list(ids), extra))
         return out

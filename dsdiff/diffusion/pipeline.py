@@ -14,6 +14,8 @@ import torch
 from dsdiff.data.classes import class_words
 from dsdiff.diffusion.pixels import packing_factor
 from dsdiff.diffusion.prompts import class_token_spans
+from dsdiff.utils.errors import MissingPathError, SettingError
+from dsdiff.utils.hub import model_source
 
 SCHEDULERS: dict[str, str] = {
     "ddim": "DDIMScheduler",
@@ -33,9 +35,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
         return torch.float32 if on_cpu else torch.float16
     resolved = dtype if isinstance(dtype, torch.dtype) else DTYPES.get(str(dtype))
     if resolved is None:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {['auto', *DTYPES]}")
+        raise SettingError(f"unknown dtype {dtype!r}: use one of {['auto', *DTYPES]}")
     if on_cpu and resolved != torch.float32:
-        raise ValueError(f"dtype {dtype} on CPU is unsupported or very slow: use dtype='fp32' (or 'auto') on CPU")
+        raise SettingError(f"dtype {dtype} on CPU is unsupported or very slow: use dtype='fp32' (or 'auto') on CPU")
     return resolved
 
 
@@ -72,21 +74,25 @@ def latent_size(pipe, height: int, width: int) -> tuple[int, int]:
 def check_scheduler(name: str | None) -> None:
     """Raise on a scheduler name outside ``SCHEDULERS`` (None keeps the checkpoint's own)."""
     if name is not None and name.lower().replace("_", "-") not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r} (generator.scheduler): use one of {sorted(SCHEDULERS)} or null (the checkpoint's own)")
+        raise SettingError(f"unknown scheduler {name!r} (generator.scheduler): use one of {sorted(SCHEDULERS)} or null (the checkpoint's own)")
+
+
+MODEL_FIX = ("pass generator.model=<local diffusers folder with model_index.json> (for instance one written by "
+             "save_pretrained) or a hub id the hub can give")
 
 
 def pipeline_config(model: str | Path) -> dict:
     """``model_index.json`` of a hub id or local diffusers folder (no weights loaded), with clear errors."""
     from diffusers import DiffusionPipeline
 
-    fix = "pass generator.model=<hub id or local diffusers folder with model_index.json>"
+    fix = MODEL_FIX
+    model = model_source(model, "generator.model", fix, probe="model_index.json")  # at once when it cannot be had
     try:
         config = dict(DiffusionPipeline.load_config(str(model)))
     except (OSError, ValueError) as e:
-        hint = " (a hub id needs network access; HF_HUB_OFFLINE=1 forbids downloads)" if not Path(str(model)).exists() else ""
-        raise FileNotFoundError(f"no Stable Diffusion weights at {model!r}{hint}: {fix}. Cause: {e}") from e
+        raise MissingPathError(f"no Stable Diffusion weights at {model!r}: {fix}. Cause: {e}") from e
     if "unet" not in config:
-        raise ValueError(
+        raise SettingError(
             f"{model!r} is a {config.get('_class_name')} without a UNet: dsdiff records UNet attention "
             "(Stable Diffusion 1.x/2.x, SDXL)"
         )
@@ -100,12 +106,12 @@ def load_tokenizer(model: str | Path):
     config = pipeline_config(model)
     entry = config.get("tokenizer")
     if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-        raise ValueError(f"{model!r} has no tokenizer in its model_index.json: dsdiff needs a text-to-image pipeline")
+        raise SettingError(f"{model!r} has no tokenizer in its model_index.json: dsdiff needs a text-to-image pipeline")
     cls = getattr(transformers, entry[1], None) or transformers.AutoTokenizer
     try:
         return cls.from_pretrained(str(model), subfolder="tokenizer")
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load the tokenizer of {model!r}: pass generator.model=<a complete diffusers folder>. Cause: {e}") from e
+        raise MissingPathError(f"could not load the tokenizer of {model!r}: pass generator.model=<a complete diffusers folder>. Cause: {e}") from e
 
 
 def check_class_names(tokenizer, class_names: Sequence[str]) -> None:
@@ -114,7 +120,7 @@ def check_class_names(tokenizer, class_names: Sequence[str]) -> None:
         try:
             class_token_spans(tokenizer, [class_words(name)])
         except ValueError as e:
-            raise ValueError(f"class name {name!r} of data.class_list cannot be placed by this model's tokenizer: {e}") from e
+            raise SettingError(f"class name {name!r} of data.class_list cannot be placed by this model's tokenizer: {e}") from e
 
 
 WEIGHT_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".model")
@@ -154,7 +160,7 @@ def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool
     """A diffusers pipeline from a hub id or a local ``save_pretrained`` folder, with clear errors."""
     from diffusers import DiffusionPipeline
 
-    fix = "pass generator.model=<hub id or local diffusers folder with model_index.json>"
+    fix = MODEL_FIX
     config = pipeline_config(model)
     # A component saved as [null, null] (a pixel-space model's vae) must be passed as None
     # explicitly: diffusers only fills in the optional ones (safety checker, feature extractor).
@@ -168,4 +174,4 @@ def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool
     try:
         return DiffusionPipeline.from_pretrained(str(model), **extra)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not load the pipeline at {model!r}: {fix}. Cause: {e}") from e
+        raise MissingPathError(f"could not load the pipeline at {model!r}: {fix}. Cause: {e}") from e

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dsdiff.data.classes import class_words
+from dsdiff.utils.errors import MissingPathError, SettingError
 from dsdiff.utils.io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class PromptRecord:
     def from_dict(cls, d: Mapping) -> PromptRecord:
         missing = {"prompt", "class_ids"} - set(d)
         if missing:
-            raise ValueError(f"prompt record {dict(d)!r} lacks {sorted(missing)}")
+            raise SettingError(f"prompt record {dict(d)!r} lacks {sorted(missing)}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known["class_ids"] = [int(c) for c in known["class_ids"]]
         return cls(**{"id": "", **known})
@@ -97,7 +98,7 @@ def truncate_prompt(tokenizer, text: str, keep_suffix: str = "") -> tuple[str, b
     if count_tokens(tokenizer, text) <= limit:
         return text, False
     if keep_suffix and count_tokens(tokenizer, keep_suffix.strip()) > limit:
-        raise ValueError(
+        raise SettingError(
             f"the class part {keep_suffix.strip()!r} alone is over the text encoder's {limit} tokens: "
             "prompt fewer classes per image"
         )
@@ -149,7 +150,7 @@ def class_token_spans(tokenizer, words: Sequence[str]) -> tuple[str, list[list[i
             spans.append(list(range(cursor, cursor + n)))
             cursor += n
     if len(ids) > int(tokenizer.model_max_length):
-        raise ValueError(
+        raise SettingError(
             f"class prompt {text!r} is {len(ids)} tokens, over the text encoder's "
             f"{tokenizer.model_max_length}: prompt fewer classes per image"
         )
@@ -158,7 +159,7 @@ def class_token_spans(tokenizer, words: Sequence[str]) -> tuple[str, list[list[i
     for w, span in zip(words, spans):
         span_ids = [ids[i] for i in span]
         if not span or any(t == unk or t in specials for t in span_ids):
-            raise ValueError(
+            raise SettingError(
                 f"the tokenizer cannot place class name {w!r} (tokens {span_ids}, unknown id {unk}): "
                 "map the class to words it knows in dsdiff.data.classes.CLASS_WORDS"
             )
@@ -177,7 +178,7 @@ def prompt_token_spans(tokenizer, text: str, words: Sequence[str]) -> list[list[
         wid = tokenizer(w, add_special_tokens=False, verbose=False)["input_ids"]
         starts = [i for i in range(len(ids) - len(wid), 0, -1) if ids[i : i + len(wid)] == wid]
         if not wid or not starts:
-            raise ValueError(f"class word {w!r} is not among the tokens of the prompt {text!r}: "
+            raise SettingError(f"class word {w!r} is not among the tokens of the prompt {text!r}: "
                              "name every class in the prompt, or keep generator.labels.class_prompt=true")
         spans.append(list(range(starts[0], starts[0] + len(wid))))
     return spans
@@ -196,10 +197,10 @@ def parse_jsonl_line(line: str, path: str | Path, n: int) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}): {line[:80]!r}; "
+        raise SettingError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}): {line[:80]!r}; "
                          "fix or delete that line") from e
     if not isinstance(row, dict):
-        raise ValueError(f"{path}:{n}: expected a JSON object per line, found {type(row).__name__}: {line[:80]!r}")
+        raise SettingError(f"{path}:{n}: expected a JSON object per line, found {type(row).__name__}: {line[:80]!r}")
     return row
 
 
@@ -211,16 +212,16 @@ def load_captions(path: str | Path) -> list[tuple[str | None, str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no captions file at {path}: pass --captions <COCO JSON, JSONL or text file>")
+        raise MissingPathError(f"no captions file at {path}: pass --captions <COCO JSON, JSONL or text file>")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+            raise SettingError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
                              "expected a COCO captions file (captions_<split>2017.json)") from e
         if not isinstance(data, dict) or "annotations" not in data:
-            raise ValueError(f"{path} is not a COCO captions file (no 'annotations' list)")
+            raise SettingError(f"{path} is not a COCO captions file (no 'annotations' list)")
         names = {img["id"]: img.get("file_name", img["id"]) for img in data.get("images", [])}
         return [(image_key(names.get(a["image_id"], a["image_id"])), a["caption"].strip()) for a in data["annotations"]]
     pairs: list[tuple[str | None, str]] = []
@@ -230,10 +231,10 @@ def load_captions(path: str | Path) -> list[tuple[str | None, str]]:
         if path.suffix == ".jsonl":
             row = parse_jsonl_line(line, path, n)
             if "image" not in row or "caption" not in row:
-                raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\"}}, found keys {sorted(row)}")
+                raise SettingError(f"{path}:{n}: expected {{\"image\", \"caption\"}}, found keys {sorted(row)}")
             caps = row["caption"] if isinstance(row["caption"], list) else [row["caption"]]
             if not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{path}:{n}: \"caption\" must be a string or a list of strings, found {row['caption']!r}")
+                raise SettingError(f"{path}:{n}: \"caption\" must be a string or a list of strings, found {row['caption']!r}")
             pairs += [(image_key(row["image"]), c.strip()) for c in caps]
         elif "\t" in line:
             image, caption = line.split("\t", 1)
@@ -303,5 +304,5 @@ def read_jsonl(path: str | Path) -> list[PromptRecord]:
             try:
                 records.append(PromptRecord.from_dict(parse_jsonl_line(line, path, n)))
             except (TypeError, ValueError) as e:
-                raise ValueError(str(e) if str(e).startswith(f"{path}:") else f"{path}:{n}: {e}") from e
+                raise SettingError(str(e) if str(e).startswith(f"{path}:") else f"{path}:{n}: {e}") from e
     return records

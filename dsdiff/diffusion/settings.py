@@ -12,15 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from dsdiff.utils.errors import SettingError
+
 SETTING = "generator.labels"  # where users set these; errors name it
 
 
 def check_thresholds(tau: float, alpha: float, beta: float, where: str = SETTING) -> None:
     """Raise on a negative ``tau`` or ``alpha < beta`` (``where`` names the settings in the message)."""
     if tau < 0:
-        raise ValueError(f"{where}.tau={tau}: the number of self-attention products must be 0 or more")
+        raise SettingError(f"{where}.tau={tau}: the number of self-attention products must be 0 or more")
     if alpha < beta:
-        raise ValueError(f"{where}.alpha={alpha} < {where}.beta={beta}: pixels with max map >= alpha are labelled and "
+        raise SettingError(f"{where}.alpha={alpha} < {where}.beta={beta}: pixels with max map >= alpha are labelled and "
                          "< beta background, so alpha must be >= beta")
 
 
@@ -45,15 +47,15 @@ class LabelSettings:
     def __post_init__(self) -> None:
         window = tuple(self.window) if isinstance(self.window, Sequence) else ()
         if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
-            raise ValueError(f"{SETTING}.window={list(self.window) if isinstance(self.window, Sequence) else self.window}: "
+            raise SettingError(f"{SETTING}.window={list(self.window) if isinstance(self.window, Sequence) else self.window}: "
                              "use fractions [start, end] with 0 <= start < end <= 1 of the denoising steps")
         object.__setattr__(self, "window", window)
         if isinstance(self.tau, bool) or not isinstance(self.tau, int):
-            raise ValueError(f"{SETTING}.tau={self.tau!r}: a whole number of self-attention products (0 = no refinement)")
+            raise SettingError(f"{SETTING}.tau={self.tau!r}: a whole number of self-attention products (0 = no refinement)")
         for name in ("cross_res", "self_res"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{SETTING}.{name}={value!r}: an attention grid side, a whole number >= 1")
+                raise SettingError(f"{SETTING}.{name}={value!r}: an attention grid side, a whole number >= 1")
         check_thresholds(self.tau, self.alpha, self.beta)
 
     @classmethod
@@ -65,14 +67,14 @@ class LabelSettings:
         given = {k: v for k, v in dict(value or {}).items() if k != "_target_"}
         unknown = sorted(set(given) - known)
         if unknown:
-            raise ValueError(f"unknown {SETTING} keys {unknown}: use {sorted(known)}")
+            raise SettingError(f"unknown {SETTING} keys {unknown}: use {sorted(known)}")
         return cls(**{**given, **overrides})
 
     def record_steps(self, steps: int) -> range:
         """The denoising step indices whose attention is averaged."""
         record = range(math.ceil(self.window[0] * steps), math.ceil(self.window[1] * steps))
         if not record:
-            raise ValueError(f"{SETTING}.window={list(self.window)} holds none of {steps} steps: widen it or add steps")
+            raise SettingError(f"{SETTING}.window={list(self.window)} holds none of {steps} steps: widen it or add steps")
         return record
 
     def to_dict(self) -> dict[str, Any]:

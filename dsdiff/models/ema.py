@@ -6,6 +6,8 @@ from collections.abc import Callable
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+from dsdiff.utils.errors import SettingError
+
 
 def ema_avg_fn(decay: float, warmup: bool = True) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """avg_fn for torch's AveragedModel: averaged <- d * averaged + (1 - d) * current.
@@ -14,7 +16,7 @@ def ema_avg_fn(decay: float, warmup: bool = True) -> Callable[[torch.Tensor, tor
     a run of a few hundred steps is not stuck near its initial weights with decay 0.999.
     """
     if not 0.0 <= decay < 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        raise SettingError(f"EMA decay must be in [0, 1), got {decay}")
 
     def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay) if warmup else decay
@@ -27,7 +29,7 @@ def ema_multi_avg_fn(decay: float, warmup: bool = True) -> Callable[[list, list,
     """``ema_avg_fn`` for whole lists of tensors in a few foreach kernels (one per device and dtype)
     instead of a few kernels per tensor; integer buffers (BN's step counts) take the current value."""
     if not 0.0 <= decay < 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        raise SettingError(f"EMA decay must be in [0, 1), got {decay}")
 
     def multi_avg_fn(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
         if not averaged[0].is_floating_point():

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsdiff.utils.errors import SettingError
+
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad (B, C, H, W) at the bottom/right so H and W are multiples of ``multiple``."""
@@ -26,7 +28,7 @@ def predict_logits(
     if crop_size is None or (h <= crop_size and w <= crop_size):
         return net(pad_to_multiple(images, stride))[..., :h, :w]
     if crop_size % stride:
-        raise ValueError(f"sliding-window crop_size {crop_size} must be a multiple of the output stride {stride}")
+        raise SettingError(f"sliding-window crop_size {crop_size} must be a multiple of the output stride {stride}")
     step = max(stride, int(crop_size * (1 - overlap)))
     padded = pad_to_multiple(images, stride)
     ph, pw = padded.shape[-2:]

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsdiff.utils.errors import ModelLoadError, SettingError
+
 ARCHS = ("deeplabv3", "deeplabv3plus")
 
 
@@ -48,9 +50,9 @@ class SegmentationNet(nn.Module):
         import segmentation_models_pytorch as smp
 
         if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}: expected one of {ARCHS}")
+            raise SettingError(f"unknown arch {arch!r}: expected one of {ARCHS}")
         if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+            raise SettingError(f"output_stride must be 8 or 16, got {output_stride}")
         self.num_classes = num_classes
         self.output_stride = output_stride
         try:
@@ -65,7 +67,7 @@ class SegmentationNet(nn.Module):
         except Exception as err:  # smp raises many kinds (KeyError, OSError, HTTP errors)
             if encoder_weights is None:
                 raise
-            raise RuntimeError(
+            raise ModelLoadError(
                 f"could not build {arch} with encoder {encoder_name!r} and encoder_weights="
                 f"{encoder_weights!r} ({type(err).__name__}: {err}). Pretrained weights are downloaded "
                 "from the Hugging Face hub on first use and cached: check the network or the cache, or "
@@ -83,7 +85,7 @@ class SegmentationNet(nn.Module):
         """(B, 3, H, W) -> (main logits (B, C, H, W), aux logits (B, C, H, W) or None)."""
         h, w = x.shape[-2:]
         if h % self.output_stride or w % self.output_stride:
-            raise ValueError(
+            raise SettingError(
                 f"input size {h}x{w} is not a multiple of the output stride {self.output_stride}: "
                 "pad the image (dsdiff.models.inference.predict_logits does) or change the crop size"
             )

@@ -17,6 +17,7 @@ from dsdiff.data.classes import IGNORE_INDEX
 from dsdiff.models.inference import predict_logits
 from dsdiff.models.metrics import iou_metric, mean_iou
 from dsdiff.models.tta import PAPER_SCALES, keep_ratio_size, tta_logits
+from dsdiff.utils.errors import SettingError
 
 
 def uncertainty_aware_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -58,7 +59,7 @@ class Segmenter(L.LightningModule):
         if eval_scale is not None:
             eval_scale = [int(side) for side in eval_scale]
             if len(eval_scale) != 2 or min(eval_scale) < 1:
-                raise ValueError(f"model.eval_scale={eval_scale}: expected [long side, short side], e.g. [2048, 512], "
+                raise SettingError(f"model.eval_scale={eval_scale}: expected [long side, short side], e.g. [2048, 512], "
                                  "or null for the native size")
         # factories stay out of the hyperparameters: checkpoints then hold plain values only and
         # load with torch.load(weights_only=True)
@@ -69,7 +70,7 @@ class Segmenter(L.LightningModule):
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
         if getattr(net, "num_classes", num_classes) != num_classes:
-            raise ValueError(
+            raise SettingError(
                 f"the network predicts {net.num_classes} classes but the class list has {num_classes}: "
                 "set model.net.num_classes to the dataset's number of classes (the default "
                 "${data.num_classes} does this)"

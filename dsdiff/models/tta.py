@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dsdiff.utils.errors import SettingError
+
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
@@ -37,7 +39,7 @@ def tta_logits(
     (H, W) (bilinear) and un-flipped before the mean. Returns (B, C, H, W).
     """
     if not scales:
-        raise ValueError("tta_logits needs at least one scale")
+        raise SettingError("tta_logits needs at least one scale")
     h, w = images.shape[-2:]
     bh, bw = base_size or (h, w)
     total = None

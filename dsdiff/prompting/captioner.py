@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from dsdiff.diffusion.prompts import parse_jsonl_line
+from dsdiff.utils.errors import ModelLoadError, SettingError
+from dsdiff.utils.hub import model_source
 from dsdiff.utils.io import write_text_atomic
 
 log = logging.getLogger("dsdiff")
@@ -55,7 +57,7 @@ class Captioner:
         device_ = pick_device(device)
         dtype = torch.float16 if device_.type == "cuda" else torch.float32
         local = Path(str(name)).expanduser()
-        source = str(local) if local.is_dir() else str(name)
+        source = model_source(name, "prompts.captioner", FIX_HINT[0].lower() + FIX_HINT[1:], probe="config.json")
         try:
             processor = BlipProcessor.from_pretrained(source)
             model = BlipForConditionalGeneration.from_pretrained(source)
@@ -63,7 +65,7 @@ class Captioner:
             where = (f"the local folder {local} is not a BLIP model" if local.is_dir() else
                      "it is no local folder, and the Hugging Face hub did not give it (offline, or no such repo)")
             reason = (str(e).split(". ")[0] or type(e).__name__).strip()
-            raise RuntimeError(f"cannot load the image captioner prompts.captioner={name!r}: {where} ({reason}). "
+            raise ModelLoadError(f"cannot load the image captioner prompts.captioner={name!r}: {where} ({reason}). "
                                f"{FIX_HINT}") from e
         log.info("captioner %s on %s", name, device_)
         return cls(model.to(device_, dtype=dtype), processor, device_, max_new_tokens)
@@ -101,7 +103,7 @@ def _read_partial(path: Path) -> dict[str, list[str]]:
             write_text_atomic(path, "".join(x + "\n" for x in lines[: n - 1]))
             break
         if not isinstance(row.get("caption"), list) or "image" not in row:
-            raise ValueError(f"{path}:{n}: expected {{\"image\", \"caption\": [...]}}: delete {path} to caption again")
+            raise SettingError(f"{path}:{n}: expected {{\"image\", \"caption\": [...]}}: delete {path} to caption again")
         done[str(row["image"])] = list(row["caption"])
     return done
 

@@ -15,11 +15,17 @@ import os
 import time
 from pathlib import Path
 
-
-from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import COCO_ID_TO_TRAIN_ID, get_class_list
-from dsdiff.diffusion.prompts import (DEFAULT_TEMPLATE, PromptRecord, build_records, image_key, load_captions,
-                                     write_jsonl)
+from dsdiff.diffusion.prompts import (
+    DEFAULT_TEMPLATE,
+    PromptRecord,
+    build_records,
+    image_key,
+    load_captions,
+    write_jsonl,
+)
+from dsdiff.utils.config import to_plain
+from dsdiff.utils.errors import MissingPathError, SettingError
 from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff.prompts")
@@ -27,12 +33,16 @@ log = logging.getLogger("dsdiff.prompts")
 def dataset_image_labels(dataset: str, root: str, split: str) -> dict[str, list[int]]:
     """Image id -> class indices present, read from a VOC or COCO folder."""
     if dataset == "voc":
-        from dsdiff.data.voc import VOCSegmentation  # here, not at the top: `--help` stays free of torch
+        from dsdiff.data.voc import (
+            VOCSegmentation,  # here, not at the top: `--help` stays free of torch
+        )
 
         return VOCSegmentation(root, split).image_labels()
     if dataset == "coco":
         # Read the instances JSON only: COCOSegmentation would also render every mask PNG.
-        from dsdiff.data.coco import load_annotations  # here, not at the top: `--help` stays free of torch
+        from dsdiff.data.coco import (
+            load_annotations,  # here, not at the top: `--help` stays free of torch
+        )
 
         images, by_image = load_annotations(Path(root).expanduser(), split)
         return {
@@ -41,7 +51,7 @@ def dataset_image_labels(dataset: str, root: str, split: str) -> dict[str, list[
             )
             for im in images
         }
-    raise ValueError(f"unknown dataset {dataset!r}: use voc or coco, or pass --labels")
+    raise SettingError(f"unknown dataset {dataset!r}: use voc or coco, or pass --labels")
 
 
 def load_tokenizer(path: str):
@@ -56,13 +66,15 @@ def load_tokenizer(path: str):
             return CLIPTokenizer.from_pretrained(path)
         return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
     except OSError as e:
-        raise FileNotFoundError(f"no CLIP tokenizer at {path!r}: pass --tokenizer <pipeline or tokenizer folder>") from e
+        raise MissingPathError(f"no CLIP tokenizer at {path!r}: pass --tokenizer <pipeline or tokenizer folder>") from e
 
 
 # ---- the prompts stage (conf/prompts): what `generate` runs when no prompts file is given ---------
 
 def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dict[str, Path]]:
-    from dsdiff.data.voc import VOCSegmentation  # here, not at the top: `--help` stays free of torch
+    from dsdiff.data.voc import (
+        VOCSegmentation,  # here, not at the top: `--help` stays free of torch
+    )
 
     voc = VOCSegmentation(root, split)
     return voc.image_labels(), {name: voc.image_path(name) for name in voc.ids}
@@ -73,13 +85,13 @@ def stage_settings(cfg) -> dict:
     p = to_plain(cfg.prompts)
     source, class_list = p.get("source"), str(cfg.data.class_list)
     if source not in ("captions", "templates"):
-        raise ValueError(f"prompts.source={source!r}: use captions (the paper's) or templates (class-only prompts)")
+        raise SettingError(f"prompts.source={source!r}: use captions (the paper's) or templates (class-only prompts)")
     if class_list not in ("voc", "coco"):
-        raise ValueError(f"prompts.source=captions needs VOC or COCO labels, but data.class_list={class_list!r}: "
+        raise SettingError(f"prompts.source=captions needs VOC or COCO labels, but data.class_list={class_list!r}: "
                          "pass prompts.source=templates, or synthetic.prompts=<file from python -m dsdiff.prompts --labels>")
     per_image = p.get("per_image")
     if per_image is not None and int(per_image) < 1:
-        raise ValueError(f"prompts.per_image={per_image}: use 1 or more, or null for all")
+        raise SettingError(f"prompts.per_image={per_image}: use 1 or more, or null for all")
     split = str(p.get("split") or "train")
     root = Path(str(cfg.paths[class_list])).expanduser()
     settings = {"class_list": class_list, "source": source, "root": str(root.resolve()), "split": split,
@@ -88,21 +100,21 @@ def stage_settings(cfg) -> dict:
     if class_list == "coco" and not captions_file:
         captions_file = root / "annotations" / f"captions_{split}2017.json"
         if not captions_file.is_file():
-            raise FileNotFoundError(f"no COCO captions at {captions_file} (paths.coco={str(root)!r}): add COCO's "
+            raise MissingPathError(f"no COCO captions at {captions_file} (paths.coco={str(root)!r}): add COCO's "
                                     "annotations there, or pass prompts.captions=<captions file>, or prompts.source=templates")
     if captions_file:
         path = Path(str(captions_file)).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompts.captions={str(captions_file)!r}: no such file; pass a COCO captions JSON or "
+            raise MissingPathError(f"prompts.captions={str(captions_file)!r}: no such file; pass a COCO captions JSON or "
                                     "a JSONL of {\"image\", \"caption\"}, or prompts.captions=null to caption with prompts.captioner")
         settings["captions"] = {"file": str(path.resolve()), "sha256": _file_digest(path)}
         return settings
     prefixes = [str(x).strip() for x in (p.get("prefixes") or []) if str(x).strip()]
     if not prefixes:
-        raise ValueError("prompts.prefixes is empty: give the captioner at least one prefix, e.g. ['a photo of']")
+        raise SettingError("prompts.prefixes is empty: give the captioner at least one prefix, e.g. ['a photo of']")
     if per_image is not None:
         if int(per_image) > len(prefixes):
-            raise ValueError(f"prompts.per_image={per_image} but prompts.prefixes has {len(prefixes)}: "
+            raise SettingError(f"prompts.per_image={per_image} but prompts.prefixes has {len(prefixes)}: "
                              "one caption per prefix, so add prefixes or lower per_image")
         prefixes = prefixes[: int(per_image)]
     settings.update(captioner=str(p.get("captioner")), prefixes=prefixes, max_new_tokens=int(p.get("max_new_tokens", 30)))
@@ -161,7 +173,10 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     crash captions only the images left, then the prompts file is written atomically and the
     partial file renamed to ``<stem>.captions.jsonl`` (a captions file for ``prompts.captions``).
     """
-    from dsdiff.prompting.captioner import Captioner, caption_images  # here, not at the top: `--help` stays free of torch
+    from dsdiff.prompting.captioner import (  # here, not at the top: `--help` stays free of torch
+        Captioner,
+        caption_images,
+    )
 
     p = cfg.get("prompts")
     if p is None or p.get("source", "templates") == "templates":
@@ -176,7 +191,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
         made = json.loads(meta.read_text())
         if made != settings:
             diff = sorted(k for k in set(made) | set(settings) if made.get(k) != settings.get(k))
-            raise ValueError(f"{meta} was made with other prompts settings ({', '.join(diff)}): "
+            raise SettingError(f"{meta} was made with other prompts settings ({', '.join(diff)}): "
                              f"delete {out.with_suffix('')}.* to rebuild, or write elsewhere")
     if out.is_file() and meta.is_file():
         log.info("prompts: %s is done (reuse it anywhere with synthetic.prompts=%s)", out, out)
@@ -200,7 +215,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
     records = interleave(build_records(plan["labels"], plan["class_names"], captions, template=settings["template"],
                                        max_captions=settings["per_image"]))
     if not records:
-        raise ValueError(f"no prompt records: no image of {settings['root']} (split {settings['split']}) has a class; "
+        raise SettingError(f"no prompt records: no image of {settings['root']} (split {settings['split']}) has a class; "
                          "check paths and prompts.split")
     if not meta.is_file():
         mark_started()

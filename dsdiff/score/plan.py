@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsdiff.diffusion.pipeline import check_scheduler, model_identity
+from dsdiff.diffusion.pipeline import MODEL_FIX, check_scheduler, model_identity
 from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE, build_records, load_captions
 from dsdiff.diffusion.settings import LabelSettings
+from dsdiff.utils.errors import MissingPathError, NotAFolderError, SettingError
+from dsdiff.utils.hub import model_source
 
 SETTING = "score"
 
@@ -45,33 +47,33 @@ class ScoreSettings:
         score = dict(score)
         unknown = sorted(set(score) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"unknown {SETTING} keys {unknown}: use {sorted(cls.__dataclass_fields__)}")
+            raise SettingError(f"unknown {SETTING} keys {unknown}: use {sorted(cls.__dataclass_fields__)}")
         if not _whole(score.get("images"), 1):
-            raise ValueError(f"{SETTING}.images={score.get('images')!r}: how many tune-split images to score, a whole number >= 1")
+            raise SettingError(f"{SETTING}.images={score.get('images')!r}: how many tune-split images to score, a whole number >= 1")
         steps = score.get("timesteps")
         if not isinstance(steps, Sequence) or isinstance(steps, str) or not steps or not all(_whole(t, 0) for t in steps):
-            raise ValueError(f"{SETTING}.timesteps={steps!r}: a non-empty list of whole noise levels, e.g. [100,300,500]")
+            raise SettingError(f"{SETTING}.timesteps={steps!r}: a non-empty list of whole noise levels, e.g. [100,300,500]")
         if len(set(steps)) != len(steps):
-            raise ValueError(f"{SETTING}.timesteps={list(steps)} repeats a noise level: list each once")
+            raise SettingError(f"{SETTING}.timesteps={list(steps)} repeats a noise level: list each once")
         if not _whole(score.get("batch_size"), 1):
-            raise ValueError(f"{SETTING}.batch_size={score.get('batch_size')!r}: images per forward pass, a whole number >= 1")
+            raise SettingError(f"{SETTING}.batch_size={score.get('batch_size')!r}: images per forward pass, a whole number >= 1")
         if not _whole(score.get("seed"), 0):
-            raise ValueError(f"{SETTING}.seed={score.get('seed')!r}: the noise seed, a whole number >= 0")
+            raise SettingError(f"{SETTING}.seed={score.get('seed')!r}: the noise seed, a whole number >= 0")
         if not _whole(score.get("grid_rows", 4), 0):
-            raise ValueError(f"{SETTING}.grid_rows={score.get('grid_rows')!r}: rows of the overlay grid, a whole number >= 0")
+            raise SettingError(f"{SETTING}.grid_rows={score.get('grid_rows')!r}: rows of the overlay grid, a whole number >= 0")
         floor = score.get("min_certain", 0.5)
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
-            raise ValueError(f"{SETTING}.min_certain={floor!r}: the certain-pixel share below which the objective is scaled down, in [0, 1]")
+            raise SettingError(f"{SETTING}.min_certain={floor!r}: the certain-pixel share below which the objective is scaled down, in [0, 1]")
         template = score.get("template") or DEFAULT_TEMPLATE
         if "{}" not in template:
-            raise ValueError(f"{SETTING}.template={template!r} has no '{{}}' for the class names: e.g. 'a photo of {{}}'")
+            raise SettingError(f"{SETTING}.template={template!r} has no '{{}}' for the class names: e.g. 'a photo of {{}}'")
         captions = score.get("captions")
         if captions and not Path(str(captions)).expanduser().is_file():
-            raise FileNotFoundError(f"{SETTING}.captions={captions}: no such file; pass a COCO captions JSON or a JSONL "
+            raise MissingPathError(f"{SETTING}.captions={captions}: no such file; pass a COCO captions JSON or a JSONL "
                                     "of {\"image\", \"caption\"}, or null for the dataset's captions / class templates")
         out = Path(str(score.get("dir") or "")).expanduser()
         if not score.get("dir") or any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
-            raise NotADirectoryError(f"{SETTING}.dir={score.get('dir')!r} is not a usable folder: pass score.dir=<a folder path>")
+            raise NotAFolderError(f"{SETTING}.dir={score.get('dir')!r} is not a usable folder: pass score.dir=<a folder path>")
         return cls(int(score["images"]), tuple(int(t) for t in steps), int(score["batch_size"]), int(score["seed"]),
                    str(out), str(Path(captions).expanduser()) if captions else None, template,
                    int(score.get("grid_rows", 4)), float(floor))
@@ -80,7 +82,7 @@ class ScoreSettings:
 def check_generator(generator: Mapping[str, Any]) -> LabelSettings:
     """The generator settings scoring uses, checked as generation checks them; returns the labelling settings."""
     if not generator.get("model"):
-        raise ValueError("generator.model is not set: pass generator.model=<hub id or local diffusers folder>")
+        raise SettingError("generator.model is not set: pass generator.model=<hub id or local diffusers folder>")
     check_scheduler(generator.get("scheduler"))
     return LabelSettings.of(generator.get("labels"))
 
@@ -89,10 +91,11 @@ def train_timesteps(model: str | Path) -> int:
     """The noise schedule's length (``num_train_timesteps``) from the model's scheduler config, no weights loaded."""
     from diffusers import DDIMScheduler
 
+    model = model_source(model, "generator.model", MODEL_FIX, probe="model_index.json")
     try:
         config = DDIMScheduler.load_config(str(model), subfolder="scheduler")
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"could not read the scheduler config of {model!r}: pass generator.model=<a complete "
+        raise MissingPathError(f"could not read the scheduler config of {model!r}: pass generator.model=<a complete "
                                 f"diffusers folder or hub id>. Cause: {e}") from e
     return int(config.get("num_train_timesteps", 1000))
 
@@ -102,7 +105,7 @@ def scored_timesteps(settings: ScoreSettings, labels: LabelSettings, num_train_t
     sampler's first step) to the cleanest, cut by ``generator.labels.window`` as it cuts denoising steps."""
     bad = [t for t in settings.timesteps if not 0 <= t < num_train_timesteps]
     if bad:
-        raise ValueError(f"{SETTING}.timesteps has {bad} outside this model's noise schedule [0, {num_train_timesteps - 1}]: "
+        raise SettingError(f"{SETTING}.timesteps has {bad} outside this model's noise schedule [0, {num_train_timesteps - 1}]: "
                          f"use levels below {num_train_timesteps}")
     order = sorted(settings.timesteps, reverse=True)
     return [order[i] for i in labels.record_steps(len(order))]
@@ -134,7 +137,7 @@ def select_items(dataset, class_names: Sequence[str], settings: ScoreSettings) -
         first.setdefault(record.image_id, record.to_dict())
     usable = [(i, n) for i, n in enumerate(names) if n in first]
     if len(usable) < settings.images:
-        raise ValueError(f"{SETTING}.images={settings.images}, but the tune split (data.tune) has {len(usable)} images "
+        raise SettingError(f"{SETTING}.images={settings.images}, but the tune split (data.tune) has {len(usable)} images "
                          f"with a class (of {len(names)}): lower {SETTING}.images or enlarge data.tune (e.g. data.tune.subset)")
     return [{"index": i, "name": n, "record": first[n]} for i, n in usable[: settings.images]]
 

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.quality import image_record
 from dsdiff.diffusion.real_images import attention_on_images
-from dsdiff.utils.progress import LogProgress
 from dsdiff.score.store import ScoreStore
+from dsdiff.utils.progress import LogProgress
 
 log = logging.getLogger("dsdiff")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from dsdiff.diffusion.quality import QualityTally
-from dsdiff.utils.io import save_image_atomic
 from dsdiff.score.predict import read_item
 from dsdiff.score.store import ScoreStore
+from dsdiff.utils.io import save_image_atomic
 from dsdiff.viz.samples import comparison_grid
 
 

@@ -14,9 +14,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsdiff.utils.config import config_diff
-from dsdiff.utils.io import ShardAppender, file_problem, read_jsonl_lines, write_json_atomic, write_text_atomic
 from dsdiff.synthetic.store import save_label_png
+from dsdiff.utils.config import config_diff
+from dsdiff.utils.errors import SettingError
+from dsdiff.utils.io import (
+    ShardAppender,
+    file_problem,
+    read_jsonl_lines,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 class ScoreStore:
@@ -44,7 +51,7 @@ class ScoreStore:
         old = json.loads(self.settings_path.read_text(encoding="utf-8"))
         diff = config_diff(old, json.loads(json.dumps(dict(config), default=str)))
         if diff:
-            raise ValueError(f"{self.root} holds results of other settings ({'; '.join(diff[:6])}): delete that folder "
+            raise SettingError(f"{self.root} holds results of other settings ({'; '.join(diff[:6])}): delete that folder "
                              "or pass another score.dir")
 
     def prepare(self, config: Mapping) -> None:

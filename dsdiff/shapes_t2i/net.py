@@ -27,6 +27,7 @@ import torch
 from dsdiff.data.classes import SHAPES_CLASSES, class_words
 from dsdiff.diffusion import tokenizer as bpe
 from dsdiff.diffusion.pipeline import load_pipeline
+from dsdiff.utils.errors import MissingPathError, SettingError
 from dsdiff.utils.io import replace_dir, write_json_atomic
 
 # Words of the shapes world's captions and class prompts; anything else falls apart into characters.
@@ -160,13 +161,13 @@ def contextual_from(init: str | Path, text_layers: int = 1, positions: bool = Tr
     """
     init = Path(init)
     if not (init / "model_index.json").is_file():
-        raise FileNotFoundError(f"contextual_from: {init} is not a diffusers pipeline folder (no model_index.json): "
+        raise MissingPathError(f"contextual_from: {init} is not a diffusers pipeline folder (no model_index.json): "
                                 "run stage 1 first (`python -m dsdiff.pretrain +experiment=shapes_t2i` exports "
                                 "logs/shapes_t2i/run/pipeline), or pass model.pipeline.init=<a bag-of-words pipeline folder>")
     pipe = load_pipeline(init, dtype=torch.float32)
     old = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)
     if old.config.num_hidden_layers:
-        raise ValueError(f"contextual_from: {init}'s text encoder already has {old.config.num_hidden_layers} layer(s), "
+        raise SettingError(f"contextual_from: {init}'s text encoder already has {old.config.num_hidden_layers} layer(s), "
                          "which a warm start would drop; start from a bag-of-words pipeline (0 layers), e.g. the export "
                          "of `python -m dsdiff.pretrain +experiment=shapes_t2i` (logs/shapes_t2i/run/pipeline)")
     encoder = build_text_encoder(pipe.tokenizer, old.config.hidden_size, positions=True, layers=text_layers, heads=heads)

@@ -14,8 +14,8 @@ import numpy as np
 from dsdiff.data.classes import SHAPES_CLASSES
 from dsdiff.data.shapes import ShapesDataset, caption
 from dsdiff.diffusion.prompts import PromptRecord, build_records
-from dsdiff.diffusion.real_images import attention_on_images
 from dsdiff.diffusion.quality import QualityTally
+from dsdiff.diffusion.real_images import attention_on_images
 from dsdiff.shapes_t2i.quality import colour_mask
 
 DRAWN_MIN_PIXELS = 8  # a prompted class counts as drawn when this many pixels have its colours

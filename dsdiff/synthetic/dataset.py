@@ -26,11 +26,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import IGNORE_INDEX, get_class_list
 from dsdiff.data.voc import read_label_png, read_rgb
 from dsdiff.synthetic.spec import GenerationPlan, sample_id
-from dsdiff.synthetic.store import CONFIG_FILE, SyntheticStore, filter_reason, store_sample
+from dsdiff.synthetic.store import (
+    CONFIG_FILE,
+    SyntheticStore,
+    filter_reason,
+    store_sample,
+)
+from dsdiff.utils.config import to_plain
+from dsdiff.utils.errors import MissingPathError, SettingError
 
 log = logging.getLogger("dsdiff")
 
@@ -51,13 +57,13 @@ class SyntheticDataset(Dataset):
         self.transform = transform
         config = self.store.read_config()
         if config is None:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"no synthetic dataset at {self.root} (no {CONFIG_FILE}): generate one with "
                 "`python -m dsdiff.generate +experiment=NAME synthetic.dir=DIR`, or point synthetic.dir at one"
             )
         names = config.get("class_names") or (get_class_list(class_list).classes if class_list else None)
         if names is None:
-            raise ValueError(f"{self.config_path} has no class_names: pass class_list=<name>")
+            raise SettingError(f"{self.config_path} has no class_names: pass class_list=<name>")
         self.classes = tuple(names)
         self.num_classes = len(self.classes)
         entries = self.store.entries()
@@ -68,7 +74,7 @@ class SyntheticDataset(Dataset):
         if missing:
             log.warning("%s: %d manifest entries have a missing image or mask and are left out", self.root, missing)
         if not self.entries:
-            raise ValueError(f"the synthetic dataset at {self.root} has no finished samples: generate (or resume) it first")
+            raise SettingError(f"the synthetic dataset at {self.root} has no finished samples: generate (or resume) it first")
         self.ids = [e["id"] for e in self.entries]
         self.skipped = 0
 
@@ -85,16 +91,16 @@ class SyntheticDataset(Dataset):
         try:
             image = read_rgb(image_path)
         except Exception as e:  # noqa: BLE001 - torchvision's decode errors do not name the file
-            raise ValueError(f"image {image_path} could not be read: {e}") from e
+            raise MissingPathError(f"image {image_path} could not be read: {e}") from e
         try:
             mask = read_label_png(mask_path)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"mask {mask_path} could not be read: {e}") from e
+            raise MissingPathError(f"mask {mask_path} could not be read: {e}") from e
         bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(f"mask {mask_path} holds labels {np.unique(mask[bad]).tolist()} outside 0..{self.num_classes - 1}, 255")
+            raise SettingError(f"mask {mask_path} holds labels {np.unique(mask[bad]).tolist()} outside 0..{self.num_classes - 1}, 255")
         if mask.shape != tuple(image.shape[1:]):
-            raise ValueError(f"mask {mask_path} is {mask.shape} but its image is {tuple(image.shape[1:])}")
+            raise SettingError(f"mask {mask_path} is {mask.shape} but its image is {tuple(image.shape[1:])}")
         return image, torch.from_numpy(mask)
 
     def __getitem__(self, index: int) -> dict:
@@ -107,7 +113,7 @@ class SyntheticDataset(Dataset):
                 self.skipped += 1
                 log.warning("skipped synthetic sample %s (%s); %d skipped so far in this process", entry["id"], e, self.skipped)
         else:
-            raise RuntimeError(f"no sample of the synthetic dataset at {self.root} could be read")
+            raise MissingPathError(f"no sample of the synthetic dataset at {self.root} could be read")
         if self.transform is None:
             return {"image": image, "mask": mask.long(), "name": entry["id"]}
         image, mask = self.transform(image, mask)
@@ -214,4 +220,4 @@ def synthetic_train_set(synthetic: Mapping, generator: Mapping, class_list: str,
         return SyntheticDataset(synthetic["dir"], transform=transform, class_list=class_list, max_samples=synthetic.get("num_images"))
     if mode == "on_the_fly":
         return OnTheFlySynthetic(generator, synthetic, get_class_list(class_list).classes, transform=transform)
-    raise ValueError(f"synthetic.mode={mode!r}: use 'cached' (read synthetic.dir) or 'on_the_fly'")
+    raise SettingError(f"synthetic.mode={mode!r}: use 'cached' (read synthetic.dir) or 'on_the_fly'")

@@ -17,8 +17,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from dsdiff.utils.io import link_or_copy_atomic, replace_dir, save_image_atomic, write_text_atomic
 from dsdiff.synthetic.store import SyntheticStore
+from dsdiff.utils.io import (
+    link_or_copy_atomic,
+    replace_dir,
+    save_image_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger("dsdiff")
 

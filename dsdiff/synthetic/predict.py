@@ -26,13 +26,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dsdiff.utils.config import config_diff
 from dsdiff.diffusion.pipeline import model_identity
-from dsdiff.utils.io import write_json_atomic
-from dsdiff.utils.progress import LogProgress
 from dsdiff.synthetic.export import export_folder
 from dsdiff.synthetic.spec import GenerationPlan, sample_groups, sample_id
 from dsdiff.synthetic.store import SyntheticStore, store_sample, summarize
+from dsdiff.utils.config import config_diff
+from dsdiff.utils.errors import WriteError
+from dsdiff.utils.io import write_json_atomic
+from dsdiff.utils.progress import LogProgress
 from dsdiff.viz.samples import save_sample_grid
 
 log = logging.getLogger("dsdiff")
@@ -120,8 +121,8 @@ class SyntheticWriter(BasePredictionWriter):
         self.written = self.dropped = 0
         self.grid_path: Path | None = None
 
-    def _failed(self, what: str, e: OSError) -> OSError:
-        return OSError(e.errno, f"could not write {what} into synthetic.dir={self.store.root} ({e}): free space or fix "
+    def _failed(self, what: str, e: OSError) -> WriteError:
+        return WriteError(e.errno, f"could not write {what} into synthetic.dir={self.store.root} ({e}): free space or fix "
                                 "permissions there and rerun the same command; finished samples are kept")
 
     def on_predict_start(self, trainer, pl_module) -> None:

@@ -19,13 +19,19 @@ from pathlib import Path
 
 import torch
 
-from dsdiff.utils.config import to_plain
 from dsdiff.data.classes import class_words
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.pipeline import check_scheduler, model_identity
-from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE, PromptRecord, read_jsonl, template_prompt
+from dsdiff.diffusion.prompts import (
+    DEFAULT_TEMPLATE,
+    PromptRecord,
+    read_jsonl,
+    template_prompt,
+)
 from dsdiff.diffusion.settings import LabelSettings
 from dsdiff.synthetic.store import SyntheticStore, WriteOptions
+from dsdiff.utils.config import to_plain
+from dsdiff.utils.errors import MissingPathError, SettingError
 
 # generator settings that change what is sampled, besides the labelling settings (the device and
 # dtype="auto" do not; the batch size does, in the last bits: it decides which ids share a forward pass)
@@ -52,16 +58,16 @@ def prompt_records(prompts: str | Path | None, class_names: Sequence[str], templ
     if prompts:
         path = Path(prompts).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"no prompts file at {path}: make one with `python -m dsdiff.prompts` or set synthetic.prompts=null for class templates")
+            raise MissingPathError(f"no prompts file at {path}: make one with `python -m dsdiff.prompts` or set synthetic.prompts=null for class templates")
         records = read_jsonl(path)
         if not records:
-            raise ValueError(f"prompts file {path} holds no records")
+            raise SettingError(f"prompts file {path} holds no records")
         bad = sorted({c for r in records for c in r.class_ids if not 0 < c < len(class_names)})
         if bad:
-            raise ValueError(f"prompts file {path} uses class ids {bad} outside this {len(class_names)}-class list: was it made for another dataset?")
+            raise SettingError(f"prompts file {path} uses class ids {bad} outside this {len(class_names)}-class list: was it made for another dataset?")
         return records
     if max_classes < 1:
-        raise ValueError(f"synthetic.max_classes_per_prompt={max_classes}: use 1 or more")
+        raise SettingError(f"synthetic.max_classes_per_prompt={max_classes}: use 1 or more")
     records = []
     for k in range(1, max_classes + 1):
         for ids in permutations(range(1, len(class_names)), k):
@@ -79,15 +85,15 @@ def check_settings(generator: Mapping, synthetic: Mapping) -> None:
     """Raise, naming the setting, on ``generator`` / ``synthetic`` values that need no weights or files to judge."""
     export = synthetic.get("export")
     if export not in EXPORTS:
-        raise ValueError(f"synthetic.export={export!r}: use null, 'voc' (a VOC-layout copy) or 'hf' (a Hugging Face datasets folder)")
+        raise SettingError(f"synthetic.export={export!r}: use null, 'voc' (a VOC-layout copy) or 'hf' (a Hugging Face datasets folder)")
     if export == "hf" and importlib.util.find_spec("datasets") is None:
         raise ModuleNotFoundError("synthetic.export=hf needs the `datasets` package: pip install datasets (or dsdiff[hf])")
     num_images = synthetic.get("num_images")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
-        raise ValueError(f"synthetic.num_images={num_images!r}: how many samples to make, a whole number >= 1")
+        raise SettingError(f"synthetic.num_images={num_images!r}: how many samples to make, a whole number >= 1")
     batch_size = generator.get("batch_size") or 1
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
+        raise SettingError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
     check_scheduler(generator.get("scheduler"))
     LabelSettings.of(generator.get("labels"))
     WriteOptions.from_synthetic(synthetic)
@@ -109,7 +115,7 @@ class GenerationPlan:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "records", tuple(self.records))
         if not self.records:
-            raise ValueError("no prompt records: pass synthetic.prompts=<a prompts file> or class templates")
+            raise SettingError("no prompt records: pass synthetic.prompts=<a prompts file> or class templates")
 
     @classmethod
     def from_settings(cls, generator: Mapping, synthetic: Mapping, class_names: Sequence[str],

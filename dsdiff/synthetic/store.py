@@ -32,10 +32,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dsdiff.utils.config import config_diff
 from dsdiff.data.classes import IGNORE_INDEX, flat_palette
-from dsdiff.utils.io import (ShardAppender, atomic_path, file_problem, read_jsonl_lines, save_image_atomic,
-                       stale_tmp_files, write_json_atomic, write_text_atomic)
+from dsdiff.utils.config import config_diff
+from dsdiff.utils.errors import NotAFolderError, NotWritableError, SettingError
+from dsdiff.utils.io import (
+    ShardAppender,
+    atomic_path,
+    file_problem,
+    read_jsonl_lines,
+    save_image_atomic,
+    stale_tmp_files,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger("dsdiff")
 
@@ -88,7 +97,7 @@ class SyntheticStore:
         new = json.loads(json.dumps(dict(config)))  # the form it takes on disk
         diff = config_diff(old, new)
         if diff:
-            raise ValueError(
+            raise SettingError(
                 f"the synthetic dataset at {self.root} was made with a different configuration "
                 f"({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}): {RESTART_HINT}"
             )
@@ -146,7 +155,7 @@ class SyntheticStore:
         """:meth:`entries` whose image and mask files exist; with ``what`` (e.g. "export"), none is an error."""
         entries = [e for e in self.entries() if (self.root / e["image"]).is_file() and (self.root / e["mask"]).is_file()]
         if what and not entries:
-            raise ValueError(f"nothing to {what}: the synthetic dataset at {self.root} has no finished samples")
+            raise SettingError(f"nothing to {what}: the synthetic dataset at {self.root} has no finished samples")
         return entries
 
     def dropped(self) -> list[dict]:
@@ -186,7 +195,7 @@ class SyntheticStore:
     ) -> dict:
         """Write image, mask (and attention), then the manifest line that marks the sample done."""
         if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format={image_format!r}: use one of {sorted(IMAGE_FORMATS)}")
+            raise SettingError(f"image_format={image_format!r}: use one of {sorted(IMAGE_FORMATS)}")
         image_rel, mask_rel = f"images/{sid}.{image_format}", f"masks/{sid}.png"
         kwargs = {"quality": jpeg_quality} if image_format == "jpg" else {}
         save_image_atomic(Image.fromarray(np.asarray(image, dtype=np.uint8)), self.root / image_rel, format=IMAGE_FORMATS[image_format], **kwargs)
@@ -249,7 +258,7 @@ class WriteOptions:
 
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"synthetic.image_format={self.image_format!r}: use one of {sorted(IMAGE_FORMATS)}")
+            raise SettingError(f"synthetic.image_format={self.image_format!r}: use one of {sorted(IMAGE_FORMATS)}")
 
     @classmethod
     def from_synthetic(cls, synthetic: Mapping) -> WriteOptions:
@@ -276,14 +285,14 @@ def store_sample(store: SyntheticStore, sid: str, sample, options: WriteOptions,
 def check_output_dir(path: Path, setting: str = "synthetic.dir") -> None:
     """Raise, naming ``setting``, if ``path`` cannot become a writable folder; writes nothing."""
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{setting}={path} is a file, not a folder: point {setting} at a folder (new or made by dsdiff)")
+        raise NotAFolderError(f"{setting}={path} is a file, not a folder: point {setting} at a folder (new or made by dsdiff)")
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise NotADirectoryError(f"{setting}={path} lies under the file {parent}: point {setting} at a folder path")
+        raise NotAFolderError(f"{setting}={path} lies under the file {parent}: point {setting} at a folder path")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{setting}={path}: {parent} is not writable (read-only or another user's): "
+        raise NotWritableError(f"{setting}={path}: {parent} is not writable (read-only or another user's): "
                               f"choose another {setting} or fix its permissions")
 
 

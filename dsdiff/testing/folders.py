@@ -11,7 +11,12 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dsdiff.data.classes import COCO_CATEGORIES, COCO_ID_TO_TRAIN_ID, IGNORE_INDEX, flat_palette
+from dsdiff.data.classes import (
+    COCO_CATEGORIES,
+    COCO_ID_TO_TRAIN_ID,
+    IGNORE_INDEX,
+    flat_palette,
+)
 
 # VOC classes the fixture draws, each with its colour: aeroplane, cat, dog, person.
 VOC_FIXTURE_COLORS = {1: (210, 50, 40), 8: (40, 170, 60), 12: (50, 70, 210), 15: (230, 200, 40)}

@@ -11,8 +11,13 @@ TINY_VOCAB = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "an", 
 
 def save_tiny_blip(folder: str | Path, image_size: int = 32, seed: int = 0) -> Path:
     """Save a random-weight ``BlipForConditionalGeneration`` + ``BlipProcessor`` (tiny BERT vocab) to ``folder``."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -149,7 +149,12 @@ def build_sd_shaped_pipeline(width: int = 32, image_size: int = 512, text_dim: i
 def build_tiny_sdxl_pipeline(seed: int = 0):
     """A random-weight ``StableDiffusionXLPipeline`` with SDXL's layout: two text encoders, no
     attention in the first block; attention at 16x16 and 8x8 for 64px images (SDXL at 1024px: 64, 32)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

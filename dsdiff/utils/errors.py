@@ -36,6 +36,18 @@ class ModelLoadError(ConfigError, RuntimeError):
     """Weights that cannot be loaded: not on disk, the hub unreachable, not the expected layout."""
 
 
+class NotAFolderError(ConfigError, NotADirectoryError):
+    """A setting names a file (or a path under one) where a folder is needed."""
+
+
+class NotWritableError(ConfigError, PermissionError):
+    """A folder a setting names cannot be written (read-only, another user's)."""
+
+
+class WriteError(ConfigError, OSError):
+    """A write failed midway (typically a full disk); what was finished is kept and a rerun continues."""
+
+
 def find_config_error(exc: BaseException | None) -> ConfigError | None:
     """The :class:`ConfigError` behind ``exc`` (itself, or one it was raised from: Hydra's instantiate wraps them)."""
     seen = set()

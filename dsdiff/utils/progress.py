@@ -30,6 +30,21 @@ def format_progress(name: str, done: int, total: int | None, seconds: float, uni
     return f"{name}: {done} {unit}, {rate:.2f}/s"
 
 
+def metric_lines(metrics: dict[str, float]) -> list[str]:
+    """``test: mIoU 0.7780, mIoU_tta 0.8109`` then one line of per-class IoU per family (``IoU``, ``IoU_tta``)."""
+    def num(value: float | None, digits: int) -> str:  # None: NaN, a class absent from the split and every prediction
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    means = [f"{k[len('test/'):]} {num(v, 4)}" for k, v in metrics.items() if k.count("/") == 1]
+    lines = [f"test: {', '.join(means)}"] if means else []
+    families: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        if key.count("/") == 2:
+            _, family, name = key.split("/")
+            families.setdefault(family, []).append(f"{name} {num(value, 3)}")
+    return lines + [f"test {family}: {', '.join(items)}" for family, items in families.items()]
+
+
 def device_line(trainer, module: torch.nn.Module) -> str:
     """``device: cpu (no GPU found), 1 process, precision 32-true; SegmentationSystem: 11.5 M parameters (11.5 M trainable)``."""
     device = trainer.strategy.root_device

@@ -10,7 +10,8 @@ Every command's log shows dsdiff's own lines (stages, progress, pictures, metric
   the parameter count) and the test metrics table (dsdiff logs a ``test:`` line and writes
   ``metrics.json``);
 - diffusers' and transformers' "Loading pipeline components / Loading weights" bars;
-- deprecation and future warnings raised inside dependencies (the fix is theirs to make), and
+- deprecation and future warnings raised inside dependencies (the fix is theirs to make; also
+  huggingface_hub's "`local_dir_use_symlinks` is deprecated", which diffusers triggers), and
   Lightning's "number of training batches is smaller than the logging interval" (dsdiff logs by
   step, not by epoch).
 
@@ -37,6 +38,7 @@ QUIET_WARNINGS = (
     ("", DeprecationWarning, r"^(?!dsdiff)"),
     ("", FutureWarning, r"^(?!dsdiff)"),
     (r"The number of training batches .* is smaller than the logging interval", Warning, ""),
+    (r"The `local_dir_use_symlinks` argument is deprecated", UserWarning, ""),  # diffusers -> huggingface_hub
 )
 
 

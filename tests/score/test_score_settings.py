@@ -15,7 +15,7 @@ BAD = [
     ("generator.labels.tau=-1", "generator.labels.tau=-1"),
     ("generator.labels.window=[0.9,0.95]", "generator.labels.window"),
     ("generator.scheduler=nope", "unknown scheduler 'nope' (generator.scheduler)"),
-    ("generator.model=/no/such/model", "no Stable Diffusion weights at '/no/such/model'"),
+    ("generator.model=/no/such/model", "generator.model=/no/such/model: no such folder"),
     ("data.tune=null", "data.tune=null"),
 ]
 

@@ -34,7 +34,8 @@ def first(tmp_path_factory, compose_score):
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("dsdiff")
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # not `logger.level = ...`: that keeps the logger's cached isEnabledFor answers
     logger.addHandler(handler)
     try:
         result = run(cfg)

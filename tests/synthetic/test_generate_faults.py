@@ -11,6 +11,7 @@ from PIL import Image
 
 from dsdiff.synthetic.dataset import SyntheticDataset
 from dsdiff.synthetic.store import SyntheticStore
+from dsdiff.utils.errors import ConfigError
 
 
 def _files(root):
@@ -40,7 +41,7 @@ def _without_letter_v(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("case", ["missing_model", "not_a_pipeline", "unknown_scheduler", "alpha_below_beta",
+@pytest.mark.parametrize("case", ["missing_model", "missing_folder", "not_a_pipeline", "unknown_scheduler", "alpha_below_beta",
                                   "negative_tau", "unplaceable_class", "weights_fail_to_load"])
 def test_a_failed_generation_writes_nothing_and_the_corrected_rerun_succeeds(case, gen_inproc, tiny32, tmp_path):
     out = tmp_path / "syn"
@@ -55,7 +56,8 @@ def test_a_failed_generation_writes_nothing_and_the_corrected_rerun_succeeds(cas
     if case == "unplaceable_class":
         _without_letter_v(tiny32, tmp_path / "nov")
     bad, error = {
-        "missing_model": (["generator.model=nope"], "no Stable Diffusion weights at 'nope'"),
+        "missing_model": (["generator.model=nope"], "generator.model='nope' is not in the local Hugging Face cache"),
+        "missing_folder": ([f"generator.model={tmp_path / 'nowhere'}"], "generator.model=.*nowhere: no such folder"),
         "not_a_pipeline": ([f"generator.model={tmp_path / 'folder'}"], "no Stable Diffusion weights at"),
         "unknown_scheduler": (["generator.scheduler=heun2"], "unknown scheduler 'heun2' \\(generator.scheduler\\)"),
         "alpha_below_beta": (["generator.labels.alpha=0.3"], "generator.labels.alpha=0.3 < generator.labels.beta=0.45"),
@@ -63,7 +65,7 @@ def test_a_failed_generation_writes_nothing_and_the_corrected_rerun_succeeds(cas
         "unplaceable_class": ([f"generator.model={tmp_path / 'nov'}"], "class name 'tvmonitor'"),
         "weights_fail_to_load": ([f"generator.model={broken}"], "could not load the pipeline"),
     }[case]
-    with pytest.raises((ValueError, FileNotFoundError), match=error):
+    with pytest.raises(ConfigError, match=error):
         gen_inproc(out, 2, *bad)
     assert not out.exists()  # no folder, no dataset.json: nothing to refuse the corrected run with
     summary = gen_inproc(out, 2)
