@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsdiff.chain.config import config_dir
+from dsdiff.chain.config import check_devices, config_dir
 from dsdiff.chain.runtime import StageLoggers, instantiate_loggers
 from dsdiff.chain.stages import test_stage
 from dsdiff.utils.errors import exits_cleanly
@@ -85,6 +85,7 @@ def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Load a checkpoint's weights into the configured model and test it; writes metrics.json."""
+    check_devices(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)

@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.chain.config import config_dir
+from dsdiff.chain.config import check_devices, config_dir
 from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
@@ -37,6 +37,7 @@ def check_generation(cfg: DictConfig) -> list[str]:
     name); returns the class names."""
     generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
     class_names = get_class_list(cfg.data.class_list).classes
+    check_devices(cfg.trainer)
     check_settings(generator, synthetic)
     check_output_dir(Path(synthetic["dir"]).expanduser())
     check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all

@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.chain.config import config_dir
+from dsdiff.chain.config import check_devices, config_dir
 from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.generator import SyntheticGenerator
@@ -52,6 +52,7 @@ log = logging.getLogger("dsdiff")
 
 def check_scoring(cfg: DictConfig) -> tuple[ScoreSettings, Any]:
     """The score settings, the generator's labelling settings and the tune split, checked without weights."""
+    check_devices(cfg.trainer)
     settings = ScoreSettings.of(to_plain(cfg.score))
     labels = check_generator(to_plain(cfg.generator))
     if cfg.data.get("tune") is None:

@@ -20,7 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
-from dsdiff.chain.config import config_dir
+from dsdiff.chain.config import check_devices, config_dir
 from dsdiff.chain.runs import open_run
 from dsdiff.chain.runtime import (
     instantiate_callbacks,
@@ -47,6 +47,7 @@ def check_config(cfg: DictConfig) -> None:
     """Fail early, before any data or weights are loaded and before the run writes a file, on settings
     that cannot work: values, the dataset folders, and (for a synthetic chain) the generation settings."""
     check_values(cfg)
+    check_devices(cfg.trainer)
     check_roots(cfg.data)
     if trains_on_synthetic(cfg) and cfg.get("train"):
         generator = to_plain(cfg.generator)

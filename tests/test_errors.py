@@ -122,3 +122,20 @@ def test_format_error_indents_continuation_lines():
     text = format_error(SettingError("refusing to resume D: it was run with different settings:\n  max_steps: 1 -> 2"))
     assert text.splitlines()[:2] == ["dsdiff: error: refusing to resume D: it was run with different settings:",
                                      "    max_steps: 1 -> 2"]
+
+
+def test_a_gpu_trainer_without_a_gpu_is_a_setting_error(monkeypatch):
+    import torch
+    from omegaconf import OmegaConf
+
+    from dsdiff.chain.config import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SettingError, match="trainer.accelerator=gpu .*needs a CUDA GPU.*trainer=cpu"):
+        check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 8}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SettingError, match="trainer.devices=8 asks for 8 GPUs, and torch finds 2"):
+        check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 8}))
+    check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 2}))
+    check_devices(OmegaConf.create({"accelerator": "auto", "devices": 1}))

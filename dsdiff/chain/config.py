@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
-from dsdiff.utils.errors import MissingPathError
+from dsdiff.utils.errors import MissingPathError, SettingError
 
 
 def config_dir() -> Path:
@@ -27,6 +28,26 @@ def asset_path(name: str) -> str:
     if not path.exists():
         raise MissingPathError(f"no shipped asset {name!r} at {path}: reinstall dsdiff, or rebuild it (`make pretrain`)")
     return str(path)
+
+
+def check_devices(trainer: Any) -> None:
+    """Raise, naming the trainer setting, when it asks for more CUDA GPUs than torch finds (before Lightning
+    would fail with "No supported gpu backend found" inside a traceback)."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = trainer.get("devices")
+    wanted = devices if isinstance(devices, int) and devices > 0 else (len(devices) if isinstance(devices, (list, ListConfig)) else 1)
+    if found == 0:
+        raise SettingError(f"trainer.accelerator={accelerator} (trainer=gpu / trainer=ddp) needs a CUDA GPU, and torch "
+                           "finds none: on a CPU use trainer=cpu or the default trainer (accelerator auto); with GPUs, "
+                           "check the driver and that torch is a CUDA build")
+    if wanted > found:
+        raise SettingError(f"trainer.devices={devices} asks for {wanted} GPUs, and torch finds {found}: "
+                           f"use trainer.devices={found} (or fewer)")
 
 
 def entry_point_of(experiment: str | Path) -> str:
