@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 from dsdiff.chain.config import check_devices, config_dir
 from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
+from dsdiff.data.datamodule import check_roots
 from dsdiff.diffusion.generator import SyntheticGenerator
-from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
+from dsdiff.diffusion.pipeline import MODEL_FIX, check_class_names, load_tokenizer
 from dsdiff.score.plan import (
     ScoreSettings,
     check_generator,
@@ -45,6 +46,7 @@ from dsdiff.score.report import label_metrics, save_overlay_grid
 from dsdiff.score.store import ScoreStore
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import SettingError, exits_cleanly
+from dsdiff.utils.hub import model_source
 from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
@@ -58,6 +60,8 @@ def check_scoring(cfg: DictConfig) -> tuple[ScoreSettings, Any]:
     if cfg.data.get("tune") is None:
         raise SettingError("data.tune=null: score_labels scores on the tune split (never on the test split); "
                            "set data.tune (e.g. the dataset's default: 300 train images for VOC)")
+    check_roots({"tune": cfg.data.tune})
+    model_source(cfg.generator.model, "generator.model", MODEL_FIX, probe="model_index.json")
     return settings, labels
 
 
