@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dsdiff.chain.config import check_devices, config_dir
+from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.runtime import StageLoggers, instantiate_loggers
 from dsdiff.chain.stages import test_stage
 from dsdiff.utils.errors import exits_cleanly
@@ -114,6 +114,7 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+@checks_experiment("train")  # a wrong +experiment=NAME: one error block, before Hydra composes
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")
 @exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.chain.config import check_devices, config_dir
+from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
@@ -62,6 +62,7 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     return generate_dataset(plan, make_trainer, loggers or (), progress=cfg.trainer.get("enable_progress_bar", True))
 
 
+@checks_experiment("train")  # a wrong +experiment=NAME: one error block, before Hydra composes
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from dsdiff.chain.config import config_dir
+from dsdiff.chain.config import checks_experiment, config_dir
 from dsdiff.chain.runtime import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -107,6 +107,7 @@ def warm_start(cfg: DictConfig) -> dict[str, Any]:
                            "training": json.loads(before.read_text()) if before.is_file() else None}}
 
 
+@checks_experiment("pretrain")  # a wrong +experiment=NAME: one error block, before Hydra composes
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="pretrain")
 @exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:

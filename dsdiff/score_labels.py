@@ -20,7 +20,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from dsdiff.chain.config import check_devices, config_dir
+from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.data.datamodule import check_roots
@@ -115,6 +115,7 @@ def score_labels(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]
     return result
 
 
+@checks_experiment("train")  # a wrong +experiment=NAME: one error block, before Hydra composes
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="score_labels")
 @exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> float:

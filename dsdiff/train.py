@@ -20,7 +20,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
-from dsdiff.chain.config import check_devices, config_dir
+from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.runs import open_run
 from dsdiff.chain.runtime import (
     instantiate_callbacks,
@@ -166,6 +166,7 @@ def on_the_fly_prompts(cfg: DictConfig) -> None:
             cfg.synthetic.prompts = str(path)
 
 
+@checks_experiment("train")  # a wrong +experiment=NAME: one error block, before Hydra composes
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 @exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> float | None:

@@ -29,6 +29,8 @@ CASES = {
                                        "generator.model=/nonexistent/model"], "generator.model=/nonexistent/model: no such folder"),
     "hub_offline": ("dsdiff-train", ["+experiment=voc_deeplab", "debug=fast", "paths.voc={voc}"],
                     "generator.model='stabilityai/stable-diffusion-2-1-base' is not in the local Hugging Face cache"),
+    "wrong_experiment": ("dsdiff-train", ["+experiment=shapes_t2i"],
+                         "experiment=shapes_t2i is an experiment of `python -m dsdiff.pretrain`"),
     "generate": ("dsdiff-generate", ["+experiment=shapes_deeplab", "synthetic.num_images=0"], "synthetic.num_images=0"),
     "evaluate": ("dsdiff-evaluate", ["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path="),
     "score_labels": ("dsdiff-score-labels", ["+experiment=shapes_deeplab", "score.images=0"], "score.images=0"),
@@ -72,9 +74,11 @@ def test_a_bad_setting_prints_one_block_and_exits_2(runs, name):
     assert name in {"prompts"} or not written, written
 
 
-def test_the_offline_hub_fails_at_once(runs):
-    # the whole command, Python start and imports included; hub retries took 33-217 s
-    assert runs["hub_offline"][4] < 60
+def test_the_offline_hub_is_decided_before_any_download_is_tried(runs):
+    # dsdiff's own check answered (no diffusers/huggingface_hub retry or connection message reached stderr)
+    err = runs["hub_offline"][2]
+    assert "HF_HUB_OFFLINE=1 forbids downloads" in err and "couldn't connect" not in err.lower()
+    assert "generator.model=<local diffusers folder" in err
 
 
 def _boom(cfg):
@@ -139,3 +143,13 @@ def test_a_gpu_trainer_without_a_gpu_is_a_setting_error(monkeypatch):
         check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 8}))
     check_devices(OmegaConf.create({"accelerator": "gpu", "devices": 2}))
     check_devices(OmegaConf.create({"accelerator": "auto", "devices": 1}))
+
+
+def test_an_experiment_of_another_command_is_named_before_hydra_composes():
+    from dsdiff.chain.config import experiment_problem
+
+    assert experiment_problem("train", ["+experiment=shapes_deeplab", "max_steps=5"]) is None
+    assert "experiment of `python -m dsdiff.pretrain`" in experiment_problem("train", ["+experiment=shapes_t2i"])
+    assert "shapes_t2i_contextual" in experiment_problem("pretrain", ["experiment=voc_deeplab"])
+    assert experiment_problem("train", ["+experiment=nope"]).startswith("experiment=nope: no such experiment")
+    assert experiment_problem("train", ["--config-dir", "/my/conf", "+experiment=mine"]) is None  # Hydra looks there

@@ -1,13 +1,19 @@
 """Where the Hydra configs live and the resolvers they use (import before composing)."""
 from __future__ import annotations
 
+import functools
+import re
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
-from dsdiff.utils.errors import MissingPathError, SettingError
+from dsdiff.utils.errors import EXIT_CODE, MissingPathError, SettingError, report
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def config_dir() -> Path:
@@ -90,6 +96,47 @@ def help_groups(config_name: str, optimized_metric: str | None = None) -> str:
         if options:
             lines.append(f"{group}: {', '.join(f.stem for f in options)}")
     return "\n".join(lines)
+
+
+def experiment_problem(takes: str, argv: Sequence[str]) -> str | None:
+    """What is wrong with an ``experiment=NAME`` argument for a command that takes ``takes``'s
+    experiments (``train`` or ``pretrain``), or None; Hydra would stop with its own message."""
+    root = config_dir() / "experiment"
+    names = sorted(f.stem for f in root.glob("*.yaml") if entry_point_of(f) == takes)
+    command = "pretrain" if takes == "pretrain" else "train / generate / evaluate / score_labels"
+    # another config folder may hold the experiment: leave a name this one lacks to Hydra
+    elsewhere = any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")) for a in argv)
+    for arg in argv:
+        match = re.fullmatch(r"\+{0,2}experiment=(.+)", arg)
+        if not match:
+            continue
+        name, path = match.group(1), root / f"{match.group(1)}.yaml"
+        if not path.is_file() and elsewhere:
+            continue
+        if not path.is_file():
+            return f"experiment={name}: no such experiment (conf/experiment/{name}.yaml); {command} take: {', '.join(names)}"
+        if entry_point_of(path) != takes:
+            return (f"experiment={name} is an experiment of `python -m dsdiff.{entry_point_of(path)}`, not of this "
+                    f"command: run that command, or pick one of: {', '.join(names)}")
+    return None
+
+
+def checks_experiment(takes: str) -> Callable[[F], F]:
+    """Decorate a Hydra entry point: a wrong ``+experiment=NAME`` on the command line is one
+    ``dsdiff: error:`` block and exit status 2, before Hydra composes (and fails with a traceback hint)."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            problem = None if args or kwargs else experiment_problem(takes, sys.argv[1:])
+            if problem:
+                report(SettingError(problem))
+                raise SystemExit(EXIT_CODE)
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def _register_resolvers() -> None:
