@@ -25,7 +25,11 @@ from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.data.datamodule import check_roots
 from dsdiff.diffusion.generator import SyntheticGenerator
-from dsdiff.diffusion.pipeline import MODEL_FIX, check_class_names, load_tokenizer
+from dsdiff.diffusion.pipeline import (
+    check_class_names,
+    generator_source,
+    load_tokenizer,
+)
 from dsdiff.score.plan import (
     ScoreSettings,
     check_generator,
@@ -46,7 +50,6 @@ from dsdiff.score.report import label_metrics, save_overlay_grid
 from dsdiff.score.store import ScoreStore
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import SettingError, exits_cleanly
-from dsdiff.utils.hub import model_source
 from dsdiff.utils.io import write_json_atomic
 
 log = logging.getLogger("dsdiff")
@@ -61,7 +64,7 @@ def check_scoring(cfg: DictConfig) -> tuple[ScoreSettings, Any]:
         raise SettingError("data.tune=null: score_labels scores on the tune split (never on the test split); "
                            "set data.tune (e.g. the dataset's default: 300 train images for VOC)")
     check_roots({"tune": cfg.data.tune})
-    model_source(cfg.generator.model, "generator.model", MODEL_FIX, probe="model_index.json")
+    generator_source(cfg.generator.model)
     return settings, labels
 
 

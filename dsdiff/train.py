@@ -31,14 +31,13 @@ from dsdiff.chain.runtime import (
 from dsdiff.chain.selftrain import INITS, MODES
 from dsdiff.chain.stages import ChainSettings, Factories, SelfTraining, run_chain
 from dsdiff.data.datamodule import check_roots
-from dsdiff.diffusion.pipeline import MODEL_FIX
+from dsdiff.diffusion.pipeline import generator_source
 from dsdiff.generate import generate
 from dsdiff.models.checkpoint import is_pruned
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.spec import check_settings
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import SettingError, exits_cleanly
-from dsdiff.utils.hub import model_source
 
 log = logging.getLogger("dsdiff")
 
@@ -53,7 +52,7 @@ def check_config(cfg: DictConfig) -> None:
         generator = to_plain(cfg.generator)
         check_settings(generator, to_plain(cfg.synthetic))
         if generator.get("model"):  # a missing folder, or a hub id that cannot be had now: at once
-            model_source(generator["model"], "generator.model", MODEL_FIX, probe="model_index.json")
+            generator_source(generator["model"])
 
 
 def check_values(cfg: DictConfig) -> None:

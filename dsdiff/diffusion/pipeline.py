@@ -81,12 +81,17 @@ MODEL_FIX = ("pass generator.model=<local diffusers folder with model_index.json
              "save_pretrained) or a hub id the hub can give")
 
 
+def generator_source(model: str | Path) -> str:
+    """``generator.model`` as a local folder or a hub id that can be had now, else a clear error at once."""
+    return model_source(model, "generator.model", MODEL_FIX, probe="model_index.json")
+
+
 def pipeline_config(model: str | Path) -> dict:
     """``model_index.json`` of a hub id or local diffusers folder (no weights loaded), with clear errors."""
     from diffusers import DiffusionPipeline
 
     fix = MODEL_FIX
-    model = model_source(model, "generator.model", fix, probe="model_index.json")  # at once when it cannot be had
+    model = generator_source(model)  # at once when it cannot be had
     try:
         config = dict(DiffusionPipeline.load_config(str(model)))
     except (OSError, ValueError) as e:

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsdiff.diffusion.pipeline import MODEL_FIX, check_scheduler, model_identity
+from dsdiff.diffusion.pipeline import check_scheduler, generator_source, model_identity
 from dsdiff.diffusion.prompts import DEFAULT_TEMPLATE, build_records, load_captions
 from dsdiff.diffusion.settings import LabelSettings
 from dsdiff.utils.errors import MissingPathError, NotAFolderError, SettingError
-from dsdiff.utils.hub import model_source
 
 SETTING = "score"
 
@@ -91,7 +90,7 @@ def train_timesteps(model: str | Path) -> int:
     """The noise schedule's length (``num_train_timesteps``) from the model's scheduler config, no weights loaded."""
     from diffusers import DDIMScheduler
 
-    model = model_source(model, "generator.model", MODEL_FIX, probe="model_index.json")
+    model = generator_source(model)
     try:
         config = DDIMScheduler.load_config(str(model), subfolder="scheduler")
     except (OSError, ValueError) as e:
