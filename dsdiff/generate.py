@@ -50,8 +50,12 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
     Everything that can be judged without weights (settings, the output folder, the tokenizer
     placing every class name) is checked before the prompts stage runs and before any file is written.
     """
+    return generate_checked(cfg, check_generation(cfg), loggers)
+
+
+def generate_checked(cfg: DictConfig, class_names: list[str], loggers: list | None = None) -> dict[str, Any]:
+    """:func:`generate` after :func:`check_generation` passed (it returned ``class_names``)."""
     generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
-    class_names = check_generation(cfg)
     prompts = synthetic.get("prompts") or ensure_prompts(cfg)  # captions + class names, cached: after the cheap checks
     plan = GenerationPlan.from_settings(generator, synthetic, class_names, prompts=prompts)
 
@@ -67,9 +71,9 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
 @exits_cleanly  # a ConfigError: one "dsdiff: error:" block and exit status 2, no traceback
 def main(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
-    check_generation(cfg)  # before the loggers write their first file
+    class_names = check_generation(cfg)  # before the loggers write their first file
     with job_loggers(cfg, output_dir) as loggers:
-        summary = generate(cfg, loggers)
+        summary = generate_checked(cfg, class_names, loggers)
         write_json_atomic(output_dir / "generation.json", summary)
         log.info("synthetic dataset: %s", summary)
 

@@ -131,9 +131,7 @@ def as_flags(error: ConfigError) -> ConfigError:
     text = str(error)
     for key, flag in FLAGS.items():
         text = text.replace(key, flag)
-    renamed = type(error).__new__(type(error))
-    Exception.__init__(renamed, text)
-    return renamed
+    return type(error)(text)
 
 
 @exits_cleanly

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from omegaconf import ListConfig, OmegaConf
 
 from dsdiff.data.classes import get_class_list
-from dsdiff.utils.errors import EXIT_CODE, MissingPathError, SettingError, report
+from dsdiff.utils.errors import MissingPathError, SettingError, exits_cleanly
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -125,13 +125,17 @@ def checks_experiment(takes: str) -> Callable[[F], F]:
     """Decorate a Hydra entry point: a wrong ``+experiment=NAME`` on the command line is one
     ``dsdiff: error:`` block and exit status 2, before Hydra composes (and fails with a traceback hint)."""
 
+    @exits_cleanly  # reported like every other ConfigError (HYDRA_FULL_ERROR=1 keeps the traceback)
+    def check(argv: Sequence[str]) -> None:
+        problem = experiment_problem(takes, argv)
+        if problem:
+            raise SettingError(problem)
+
     def decorate(func: F) -> F:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            problem = None if args or kwargs else experiment_problem(takes, sys.argv[1:])
-            if problem:
-                report(SettingError(problem))
-                raise SystemExit(EXIT_CODE)
+            if not (args or kwargs):  # called as the command, not with a config
+                check(sys.argv[1:])
             return func(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dsdiff.data.classes import IGNORE_INDEX, get_class_list
-from dsdiff.utils.errors import SettingError
+from dsdiff.utils.errors import MissingPathError, SettingError
 
 DatasetFactory = Callable[..., Dataset]
 
@@ -37,21 +38,19 @@ def _prepare(factory: DatasetFactory | None) -> None:
 def check_roots(data: Any) -> None:
     """Raise, naming the ``paths`` setting, when a VOC or COCO split of ``data`` points at a missing folder
     (checked before a run writes anything; the datasets check their files in detail when they load)."""
-    from pathlib import Path
-
-    from dsdiff.data import coco, voc
-    from dsdiff.utils.errors import MissingPathError
+    from dsdiff.data import coco, voc  # the readers, loaded only for a check
 
     for split in ("train", "tune", "test"):
-        node = data.get(split) if hasattr(data, "get") else None
-        target = str(node.get("_target_", "")) if hasattr(node, "get") else ""
-        if not node or node.get("root") is None:
+        node = data.get(split)
+        root = node.get("root") if hasattr(node, "get") else None
+        if root is None:
             continue
+        target = str(node.get("_target_", ""))
         if target.startswith("dsdiff.data.voc."):
-            voc.resolve_voc_root(node.get("root"))
-        elif target.startswith("dsdiff.data.coco.") and not (Path(str(node.get("root"))).expanduser() / "annotations").is_dir():
-            raise MissingPathError(f"no COCO 2017 folder at {node.get('root')} (data.{split}): expected "
-                                   f"{node.get('root')}/annotations/; {coco.ROOT_HINT}")
+            voc.resolve_voc_root(root)
+        elif target.startswith("dsdiff.data.coco.") and not (Path(str(root)).expanduser() / "annotations").is_dir():
+            raise MissingPathError(f"no COCO 2017 folder at {root} (data.{split}): expected {root}/annotations/; "
+                                   f"{coco.ROOT_HINT}")
 
 
 class SegDataModule(L.LightningDataModule):
