@@ -9,6 +9,7 @@ Every command's log shows dsdiff's own lines (stages, progress, pictures, metric
 - the model summary table (``trainer.enable_model_summary: false``; the ``device:`` line gives
   the parameter count) and the test metrics table (dsdiff logs a ``test:`` line and writes
   ``metrics.json``);
+- alembic's "setup plugin ..." lines when an Optuna sweep starts;
 - diffusers' and transformers' "Loading pipeline components / Loading weights" bars;
 - deprecation and future warnings raised inside dependencies (the fix is theirs to make; also
   huggingface_hub's "`local_dir_use_symlinks` is deprecated", which diffusers triggers), and
@@ -17,7 +18,7 @@ Every command's log shows dsdiff's own lines (stages, progress, pictures, metric
 
 Warnings that dsdiff itself raises, and every warning or error that is not on that list, still
 show. ``verbose=true`` keeps everything. Applied by :class:`QuietLibraries`, a Hydra callback
-(``conf/hydra/default.yaml``) that runs before each job.
+(``conf/hydra/default.yaml``) that runs before each job (and before a sweep starts).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ QUIET_LOGGERS = (
     "lightning.pytorch.utilities.rank_zero",  # GPU/TPU available, tips, "Trainer.fit stopped"
     "lightning.fabric.utilities.rank_zero",
     "lightning.fabric.utilities.seed",  # "Seed set to 42"
+    "alembic",  # optuna's database layer: "setup plugin alembic..." at the start of a sweep
 )
 # (message regex, category, module regex) for warnings.filterwarnings
 QUIET_WARNINGS = (
@@ -66,5 +68,9 @@ class QuietLibraries(Callback):
     """Hydra callback: :func:`quiet_libraries` before each job unless the job's config says ``verbose: true``."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("verbose", False):
+            quiet_libraries()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("verbose", False):
             quiet_libraries()
