@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
 from dsdiff.chain.config import check_devices, checks_experiment, config_dir
+from dsdiff.chain.parallel import check_batch, log_batch, trainer_overrides
 from dsdiff.chain.runs import open_run
 from dsdiff.chain.runtime import (
     instantiate_callbacks,
@@ -47,6 +48,7 @@ def check_config(cfg: DictConfig) -> None:
     that cannot work: values, the dataset folders, and (for a synthetic chain) the generation settings."""
     check_values(cfg)
     check_devices(cfg.trainer)
+    check_batch(cfg)  # data.batch_size is the global batch: it must divide over the processes
     check_roots(cfg.data)
     if trains_on_synthetic(cfg) and cfg.get("train"):
         generator = to_plain(cfg.generator)
@@ -129,12 +131,14 @@ def make_trainer(cfg: DictConfig, root: Path, loggers: list, callbacks: list | N
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(root / "checkpoints")
     extra = {} if cfg.data.get("tune") is not None else {"limit_val_batches": 0}  # no tune split: no validation
+    extra.update(trainer_overrides(cfg.trainer))  # no SyncBatchNorm off GPUs
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(root), **extra)
 
 
 def make_predictor(cfg: DictConfig, out: Path, callbacks: list) -> L.Trainer:
     """The pseudo-labelling Trainer: the given callbacks, no logger."""
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(out))
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False, default_root_dir=str(out),
+                                   **trainer_overrides(cfg.trainer))
 
 
 def factories(cfg: DictConfig, work: Path) -> Factories:
@@ -147,6 +151,7 @@ def factories(cfg: DictConfig, work: Path) -> Factories:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run (or resume) the chain; returns (metrics, objects) and writes <run dir>/metrics.json."""
     check_config(cfg)
+    log_batch(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     work, stages = open_run(cfg)  # records the run's identity before its first stage

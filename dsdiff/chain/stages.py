@@ -106,10 +106,12 @@ class StageResult:
     model: L.LightningModule
     datamodule: L.LightningDataModule
     trainer: L.Trainer
+    batch: dict[str, int] | None = None  # {"global", "per_device", "devices"}: the training batch and its split
 
     def record(self) -> dict[str, Any]:
         """The stage's entry in stages.json."""
-        return {"checkpoint": self.checkpoint, "ckpt": "last", "step": self.step, "metrics": self.metrics}
+        batch = {"batch": self.batch} if self.batch else {}
+        return {"checkpoint": self.checkpoint, "ckpt": "last", "step": self.step, "metrics": self.metrics, **batch}
 
 
 @dataclass
@@ -157,7 +159,16 @@ def fit_stage(name: str, root: Path, datamodule: L.LightningDataModule, model: L
         log.info("stage %s: tune split on the final weights (step %d)", name, trainer.global_step)
         trainer.validate(model, datamodule=datamodule, verbose=False)
     return StageResult(_final_checkpoint(trainer), int(trainer.global_step), to_float_dict(trainer.callback_metrics),
-                       model, datamodule, trainer)
+                       model, datamodule, trainer, batch=_batch(datamodule, trainer))
+
+
+def _batch(datamodule: L.LightningDataModule, trainer: L.Trainer) -> dict[str, int] | None:
+    """The global training batch, each process's share and the number of processes (None for a datamodule
+    without a ``per_device_batch_size``)."""
+    if not hasattr(datamodule, "per_device_batch_size"):
+        return None
+    return {"global": int(datamodule.batch_size), "per_device": int(datamodule.per_device_batch_size),
+            "devices": int(trainer.world_size)}
 
 
 def _final_checkpoint(trainer: L.Trainer) -> str | None:

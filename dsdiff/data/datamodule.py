@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dsdiff.data.classes import IGNORE_INDEX, get_class_list
@@ -63,6 +64,10 @@ class SegDataModule(L.LightningDataModule):
     share no image with ``test``, which is used once, at the end (VOC/COCO: their val split).
     ``tune=None`` validates nothing. ``eval_scale`` is the dataset's inference scale (mmseg's
     keep-ratio ``(long, short)``; the model config reads it as ``${data.eval_scale}``).
+
+    ``batch_size`` is the global training batch: under DDP each of the trainer's W processes loads
+    ``batch_size / W`` (:attr:`per_device_batch_size`). The tune and test splits are dealt out over
+    the processes without repeats, so every image is scored once.
     """
 
     def __init__(
@@ -139,16 +144,32 @@ class SegDataModule(L.LightningDataModule):
                 return list(dataset.classes)
         raise RuntimeError("call setup() before asking for class_names")
 
+    @property
+    def per_device_batch_size(self) -> int:
+        """Each training process's share of the global ``batch_size`` (all of it without a multi-process trainer)."""
+        world = int(self.trainer.world_size) if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise SettingError(f"data.batch_size={self.batch_size} does not divide over the trainer's {world} processes: "
+                               f"it is the global batch; use a multiple of {world}")
+        return self.batch_size // world
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"no {split} dataset: configure data.{split} (and call setup())")
         dataset = self.datasets[split]
         if isinstance(dataset, IterableDataset):  # a stream (on-the-fly generation) orders itself
             shuffle = False
+        # evaluation under DDP: each process scores its own images, none twice (Lightning's default sampler
+        # pads the split to a multiple of the processes, counting some images twice in the synced metrics)
+        distributed = None if shuffle or isinstance(dataset, IterableDataset) or self.trainer is None \
+            else self.trainer.distributed_sampler_kwargs
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **distributed) \
+            if distributed and distributed.get("num_replicas", 1) > 1 else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle and len(dataset) > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -157,7 +178,7 @@ class SegDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        return self._loader("train", self.per_device_batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """The tune split (no loader, so no validation, with ``tune=None``)."""
