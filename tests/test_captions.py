@@ -92,7 +92,7 @@ def test_a_crash_mid_captioning_keeps_finished_images(tmp_path, voc_expected, mo
     assert [by_image[i] for i in train] == ["a photo of run one"] * 2 + ["a photo of run two"] * 4
     assert not partial.exists()
     # a third run reuses the finished file without loading a captioner or reading the dataset
-    monkeypatch.setattr("dsdiff.prompting.stage._voc_images", lambda *a: pytest.fail("read the dataset again"))
+    monkeypatch.setattr("dsdiff.prompting.stage._mask_images", lambda *a: pytest.fail("read the dataset again"))
     assert read_jsonl(ensure_prompts(cfg, load_captioner=lambda: pytest.fail("recaptioned"))) == records
 
 

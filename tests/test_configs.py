@@ -14,6 +14,15 @@ EXPERIMENTS = [p.stem for p in _FILES if _entry_point(p) == "train"]  # composed
 PRETRAIN_EXPERIMENTS = [p.stem for p in _FILES if _entry_point(p) == "pretrain"]  # with pretrain.yaml
 
 
+@pytest.fixture(scope="module")
+def data_paths(tmp_path_factory):
+    """Overrides an experiment needs to compose: data=folder reads its class count from paths.folder/classes.txt."""
+    from dsdiff.testing.folders import write_image_folder
+
+    root = write_image_folder(tmp_path_factory.mktemp("folder"))["root"]
+    return lambda experiment: [f"paths.folder={root}"] if experiment.startswith("folder_") else []
+
+
 def _listed(text: str) -> dict[str, list[str]]:
     return {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in text.splitlines()}
 
@@ -41,8 +50,8 @@ def test_experiments_exist():
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(make_cfg, experiment):
-    cfg = make_cfg([f"+experiment={experiment}"])
+def test_experiment_composes_and_instantiates(make_cfg, experiment, data_paths):
+    cfg = make_cfg([f"+experiment={experiment}", *data_paths(experiment)])
     assert cfg.task_name == experiment
     OmegaConf.to_container(job_config(cfg), resolve=True)  # every interpolation resolves
     assert cfg.trainer.max_steps == cfg.max_steps
@@ -52,8 +61,8 @@ def test_experiment_composes_and_instantiates(make_cfg, experiment):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_debug_overrides_win_over_the_experiment(make_cfg, experiment):
-    cfg = make_cfg([f"+experiment={experiment}", "debug=fast"])
+def test_debug_overrides_win_over_the_experiment(make_cfg, experiment, data_paths):
+    cfg = make_cfg([f"+experiment={experiment}", "debug=fast", *data_paths(experiment)])
     assert cfg.model.net.encoder_name == "resnet18"
     assert cfg.model.net.encoder_weights is None
     assert cfg.trainer.max_steps == 10 and cfg.trainer.accelerator == "cpu"

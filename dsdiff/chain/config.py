@@ -147,6 +147,8 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("classes"):
         # a ListConfig, not a list: OmegaConf.resolve (`--cfg job --resolve`) only stores config nodes
         OmegaConf.register_new_resolver("classes", lambda name: ListConfig(list(get_class_list(name).classes)))
+    if not OmegaConf.has_resolver("num_classes"):  # data=folder: the class list file's length
+        OmegaConf.register_new_resolver("num_classes", lambda name: get_class_list(name).num_classes)
     if not OmegaConf.has_resolver("dsdiff_help_groups"):
         OmegaConf.register_new_resolver("dsdiff_help_groups", help_groups)
     if not OmegaConf.has_resolver("asset"):

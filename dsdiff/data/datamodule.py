@@ -37,9 +37,9 @@ def _prepare(factory: DatasetFactory | None) -> None:
 
 
 def check_roots(data: Any) -> None:
-    """Raise, naming the ``paths`` setting, when a VOC or COCO split of ``data`` points at a missing folder
+    """Raise, naming the ``paths`` setting, when a VOC, COCO, Cityscapes or folder split of ``data`` points at a missing folder
     (checked before a run writes anything; the datasets check their files in detail when they load)."""
-    from dsdiff.data import coco, voc  # the readers, loaded only for a check
+    from dsdiff.data import cityscapes, coco, folder, voc  # the readers, loaded only for a check
 
     for split in ("train", "tune", "test"):
         node = data.get(split)
@@ -52,6 +52,10 @@ def check_roots(data: Any) -> None:
         elif target.startswith("dsdiff.data.coco.") and not (Path(str(root)).expanduser() / "annotations").is_dir():
             raise MissingPathError(f"no COCO 2017 folder at {root} (data.{split}): expected {root}/annotations/; "
                                    f"{coco.ROOT_HINT}")
+        elif target.startswith("dsdiff.data.cityscapes."):
+            cityscapes.check_root(root)
+        elif target.startswith("dsdiff.data.folder."):
+            folder.check_root(root)
 
 
 class SegDataModule(L.LightningDataModule):

@@ -58,7 +58,12 @@ def read_label_png(path: Path) -> np.ndarray:
     """A label PNG as uint8 (H, W) class indices: palette indices for P-mode, values for L-mode."""
     if not path.is_file():
         raise MissingPathError(f"missing mask {path}: every listed id needs a mask PNG there")
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+        im.load()
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise MissingPathError(f"unreadable mask {path} ({e}): replace the file with a PNG of class indices") from e
+    with im:
         if im.mode not in ("P", "L"):
             raise SettingError(f"mask {path} is a {im.mode} image; expected a palette (P) or grayscale (L) "
                              "PNG of class indices: convert colour masks to indices first")
@@ -78,7 +83,11 @@ def read_rgb(path: Path) -> torch.Tensor:
     """An image file as a uint8 (3, H, W) RGB tensor."""
     if not path.is_file():
         raise MissingPathError(f"missing image {path}: every listed id needs an image there")
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except RuntimeError as e:  # torchvision names neither the file nor the fix ("Unsupported image file")
+        raise MissingPathError(f"unreadable image {path}: not a JPEG, PNG, WebP or GIF that decodes (a damaged "
+                               "or partial file?); replace it, or remove it from the split") from e
 
 
 class VOCSegmentation(Dataset):

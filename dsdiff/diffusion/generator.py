@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from dsdiff.data.classes import IGNORE_INDEX, class_words
+from dsdiff.data.classes import IGNORE_INDEX, class_words, first_prompt_class, unattended_label
 from dsdiff.diffusion.attention import (
     AttentionStore,
     RecordingAttnProcessor,
@@ -183,9 +183,10 @@ class SyntheticGenerator:
                 if rec is None:
                     raise TypeError(f"a prompt is a str, dict or PromptRecord, got {type(p).__name__}")
                 p, ids, extra = rec.prompt, rec.class_ids, {"id": rec.id, "image_id": rec.image_id}
-            bad = [i for i in ids if not 0 < i < len(self.class_names)]
+            bad = [i for i in ids if not first_prompt_class(self.class_names) <= i < len(self.class_names)]
             if bad:
-                raise SettingError(f"class ids {bad} are not prompt classes of this {len(self.class_names)}-class list (0 is background)")
+                raise SettingError(f"class ids {bad} are not prompt classes of this {len(self.class_names)}-class list"
+                                   f"{' (0 is background)' if first_prompt_class(self.class_names) else ''}")
             words = [class_words(self.class_names[i]) for i in ids]
             out.append(Request(fit_prompt(self.pipe.tokenizer, p, words), list(ids), extra))
         return out
@@ -231,6 +232,7 @@ class SyntheticGenerator:
         labels, maps = attention_to_labels(
             cross, self_attn, class_ids, tau=self.labels.tau, alpha=self.labels.alpha, beta=self.labels.beta,
             size=(height, width), ignore_index=IGNORE_INDEX, self_hw=(self.labels.self_res, self_attn.shape[-1] // self.labels.self_res),
+            background=unattended_label(self.class_names),
         )
         attention = {"cross": cross.float().cpu().numpy(), "self": self_attn.cpu().numpy()} if return_attention else None
         return Sample(

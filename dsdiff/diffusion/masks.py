@@ -39,16 +39,17 @@ def minmax_normalise(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def labels_from_maps(
-    maps: torch.Tensor, class_ids: torch.Tensor, alpha: float, beta: float, ignore_index: int
+    maps: torch.Tensor, class_ids: torch.Tensor, alpha: float, beta: float, ignore_index: int, background: int = 0
 ) -> torch.Tensor:
-    """(B, K, H, W) maps in [0, 1] -> (B, H, W) int64 labels: class if max >= alpha, 0 if < beta, else ignore."""
+    """(B, K, H, W) maps in [0, 1] -> (B, H, W) int64 labels: class if max >= alpha, ``background`` if < beta
+    (0; ``ignore_index`` for a class list without background), else ignore."""
     batch, _, height, width = maps.shape
     if maps.shape[1] == 0:
-        return torch.zeros(batch, height, width, dtype=torch.long, device=maps.device)
+        return torch.full((batch, height, width), background, dtype=torch.long, device=maps.device)
     best, index = maps.max(dim=1)
     labels = class_ids.to(maps.device)[index]
     labels = torch.where(best >= alpha, labels, torch.full_like(labels, ignore_index))
-    return torch.where(best < beta, torch.zeros_like(labels), labels)
+    return torch.where(best < beta, torch.full_like(labels, background), labels)
 
 
 def _check_args(cross, self_attn, class_ids, tau, alpha, beta, self_hw):
@@ -90,17 +91,20 @@ def attention_to_labels(
     size: int | tuple[int, int],
     ignore_index: int = IGNORE_INDEX,
     self_hw: tuple[int, int] | None = None,
+    background: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn averaged attention into a label map with an uncertainty band.
 
     Args:
         cross: (K, h, w) or (B, K, h, w) cross-attention, one map per class in ``class_ids`` order.
         self_attn: (N, N) or (B, N, N) row-stochastic self-attention, N = hs * ws.
-        class_ids: K dataset class indices (background 0 is never one of them).
+        class_ids: K dataset class indices (background 0, where the list has one, is never one of them).
         tau: number of self-attention products; 0 means no refinement.
-        alpha, beta: label = class where max >= alpha, 0 where max < beta, ``ignore_index`` between.
+        alpha, beta: label = class where max >= alpha, ``background`` where max < beta, ``ignore_index`` between.
         size: output (H, W) (an int means square).
         self_hw: (hs, ws) of the self-attention grid; default square sqrt(N).
+        background: the label below beta: 0, or ``ignore_index`` for a class list without background
+            (``dsdiff.data.classes.unattended_label``).
 
     Returns:
         labels (…, H, W) int64 and maps (…, K, H, W) float32 in [0, 1] (refined, normalised, upsampled).
@@ -119,5 +123,5 @@ def attention_to_labels(
     refined = refine(self_attn.float(), cross.transpose(1, 2), tau).transpose(1, 2)  # (B, K, N)
     maps = minmax_normalise(refined).view(batch, k, *self_hw)
     maps = upsample(maps, size).clamp_(0.0, 1.0)  # bicubic overshoots; thresholds are unaffected
-    labels = labels_from_maps(maps, class_ids, alpha, beta, ignore_index)
+    labels = labels_from_maps(maps, class_ids, alpha, beta, ignore_index, background)
     return (labels, maps) if batched else (labels[0], maps[0])

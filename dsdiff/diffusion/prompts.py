@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dsdiff.data.classes import class_words
+from dsdiff.data.classes import IGNORE_INDEX, class_words, first_prompt_class
 from dsdiff.utils.errors import MissingPathError, SettingError
 from dsdiff.utils.io import write_text_atomic
 
@@ -71,8 +71,8 @@ def find_class_ids(text: str, class_names: Sequence[str]) -> list[int]:
     Longer names match first and use up their words: "hot dog" is not also a "dog".
     """
     found = []
-    order = sorted(range(1, len(class_names)), key=lambda i: -len(class_words(class_names[i])))
-    for index in order:  # index 0, background, is never prompted
+    order = sorted(range(first_prompt_class(class_names), len(class_names)), key=lambda i: -len(class_words(class_names[i])))
+    for index in order:  # index 0, where it is background, is never prompted
         words = class_words(class_names[index]).split()
         pattern = r"\b" + r"\s+".join(map(re.escape, words)) + r"(?:s|es)?\b"
         text, hits = re.subn(pattern, " ", text, flags=re.IGNORECASE)
@@ -261,7 +261,7 @@ def build_records(
 ) -> list[PromptRecord]:
     """Prompt records: each image's captions (or a class template) joined with its class labels.
 
-    ``image_labels`` maps image id -> class indices present (background excluded); images
+    ``image_labels`` maps image id -> class indices present (background and 255 excluded); images
     without classes are skipped. Captions with no image id get the classes named in them.
     """
     by_image: dict[str, list[str]] = {}
@@ -270,7 +270,7 @@ def build_records(
         (free.append(caption) if key is None else by_image.setdefault(key, []).append(caption))
     records, skipped = [], 0
     for image_id in sorted(image_labels):
-        ids = sorted({int(c) for c in image_labels[image_id] if int(c) != 0})
+        ids = sorted({int(c) for c in image_labels[image_id] if first_prompt_class(class_names) <= int(c) != IGNORE_INDEX})
         if not ids:
             skipped += 1
             continue

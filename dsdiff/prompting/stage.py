@@ -3,7 +3,8 @@
 Each line is one generation request: ``{"id", "prompt", "class_ids", "class_words",
 "class_prompt", "caption", "image_id"}`` with prompt ``"<caption>; <class words>"``.
 ``ensure_prompts(cfg)`` runs it for ``generate`` (config group ``prompts``: BLIP captions of
-the VOC train images, COCO's train captions, or a captions file; cached and resumable);
+the VOC, Cityscapes or your own folder's train images, COCO's train captions, or a captions file;
+cached and resumable);
 ``python -m dsdiff.prompts`` (dsdiff/prompts.py) runs it from the command line.
 """
 from __future__ import annotations
@@ -31,13 +32,9 @@ from dsdiff.utils.io import write_json_atomic
 log = logging.getLogger("dsdiff.prompts")
 
 def dataset_image_labels(dataset: str, root: str, split: str) -> dict[str, list[int]]:
-    """Image id -> class indices present, read from a VOC or COCO folder."""
-    if dataset == "voc":
-        from dsdiff.data.voc import (
-            VOCSegmentation,  # here, not at the top: `--help` stays free of torch
-        )
-
-        return VOCSegmentation(root, split).image_labels()
+    """Image id -> class indices present, read from a VOC, COCO, Cityscapes or image folder."""
+    if dataset in MASK_READERS:
+        return _mask_images(dataset, root, split)[0]
     if dataset == "coco":
         # Read the instances JSON only: COCOSegmentation would also render every mask PNG.
         from dsdiff.data.coco import (
@@ -51,7 +48,7 @@ def dataset_image_labels(dataset: str, root: str, split: str) -> dict[str, list[
             )
             for im in images
         }
-    raise SettingError(f"unknown dataset {dataset!r}: use voc or coco, or pass --labels")
+    raise SettingError(f"unknown dataset {dataset!r}: use voc, coco, cityscapes or folder, or pass --labels")
 
 
 def load_tokenizer(path: str):
@@ -71,13 +68,27 @@ def load_tokenizer(path: str):
 
 # ---- the prompts stage (conf/prompts): what `generate` runs when no prompts file is given ---------
 
-def _voc_images(root: str | Path, split: str) -> tuple[dict[str, list[int]], dict[str, Path]]:
-    from dsdiff.data.voc import (
-        VOCSegmentation,  # here, not at the top: `--help` stays free of torch
-    )
+# Datasets whose labels are read from their masks (module, class); each also names its `paths` key.
+MASK_READERS = {"voc": ("dsdiff.data.voc", "VOCSegmentation"),
+                "cityscapes": ("dsdiff.data.cityscapes", "CityscapesSegmentation"),
+                "folder": ("dsdiff.data.folder", "FolderSegmentation")}
 
-    voc = VOCSegmentation(root, split)
-    return voc.image_labels(), {name: voc.image_path(name) for name in voc.ids}
+
+def _mask_images(dataset: str, root: str | Path, split: str) -> tuple[dict[str, list[int]], dict[str, Path]]:
+    """(image id -> class indices in its mask, image id -> image file) of a dataset split read from its masks."""
+    import importlib  # the reader here, not at the top: `--help` stays free of torch
+
+    module, name = MASK_READERS[dataset]
+    reader = getattr(importlib.import_module(module), name)(root, split)
+    return reader.image_labels(), {n: reader.image_path(n) for n in reader.ids}
+
+
+def caption_dataset(class_list: str) -> str | None:
+    """The dataset (and `paths` key) whose train images the captions stage reads for ``data.class_list``:
+    voc, coco, cityscapes, or folder for a class list file; None for any other class list."""
+    if class_list in ("voc", "coco", "cityscapes"):
+        return class_list
+    return "folder" if class_list.endswith(".txt") or Path(class_list).expanduser().is_file() else None
 
 
 def stage_settings(cfg) -> dict:
@@ -86,16 +97,24 @@ def stage_settings(cfg) -> dict:
     source, class_list = p.get("source"), str(cfg.data.class_list)
     if source not in ("captions", "templates"):
         raise SettingError(f"prompts.source={source!r}: use captions (the paper's) or templates (class-only prompts)")
-    if class_list not in ("voc", "coco"):
-        raise SettingError(f"prompts.source=captions needs VOC or COCO labels, but data.class_list={class_list!r}: "
+    dataset = caption_dataset(class_list)
+    if dataset is None:
+        raise SettingError(f"prompts.source=captions needs VOC, COCO, Cityscapes or folder labels, but data.class_list={class_list!r}: "
                          "pass prompts.source=templates, or synthetic.prompts=<file from python -m dsdiff.prompts --labels>")
     per_image = p.get("per_image")
     if per_image is not None and int(per_image) < 1:
         raise SettingError(f"prompts.per_image={per_image}: use 1 or more, or null for all")
     split = str(p.get("split") or "train")
-    root = Path(str(cfg.paths[class_list])).expanduser()
+    root = Path(str(cfg.paths[dataset])).expanduser()
     settings = {"class_list": class_list, "source": source, "root": str(root.resolve()), "split": split,
                 "per_image": per_image, "template": p.get("template") or DEFAULT_TEMPLATE}
+    if dataset == "folder":  # the prompts name its classes: an edited class list file makes new prompts
+        class_file = Path(class_list).expanduser()
+        if not class_file.is_file():
+            raise MissingPathError(f"no class list file {class_file} (data.class_list): write one class name per line; "
+                                   "see docs/datasets.md")
+        settings["class_list"] = str(class_file.resolve())
+        settings["classes_sha256"] = _file_digest(class_file)
     captions_file = p.get("captions")
     if class_list == "coco" and not captions_file:
         captions_file = root / "annotations" / f"captions_{split}2017.json"
@@ -125,12 +144,13 @@ def stage_inputs(settings: dict) -> dict:
     """Read what ``settings`` needs, writing nothing: ``labels`` {image id: class ids}, ``class_names``,
     and either ``captions`` pairs (a captions file) or ``images`` {image id: path} to caption."""
     class_list, root, split = settings["class_list"], settings["root"], settings["split"]
+    dataset = caption_dataset(class_list)
     inputs = {"class_names": get_class_list(class_list).classes}
     if "captions" in settings:
         inputs["captions"] = load_captions(settings["captions"]["file"])
-        inputs["labels"] = (dataset_image_labels("coco", root, split) if class_list == "coco" else _voc_images(root, split)[0])
+        inputs["labels"] = dataset_image_labels(dataset, root, split)
         return inputs
-    labels, images = _voc_images(root, split)
+    labels, images = _mask_images(dataset, root, split)
     inputs["labels"] = labels
     inputs["images"] = {name: images[name] for name in sorted(labels) if labels[name]}  # background-only: no prompt
     return inputs
@@ -183,7 +203,7 @@ def ensure_prompts(cfg, load_captioner=None, out: Path | None = None) -> Path | 
         return None
     settings = stage_settings(cfg)
     if out is None:
-        stem = f"{settings['class_list']}-{settings['source']}-{settings_digest(settings)}"
+        stem = f"{get_class_list(settings['class_list']).name}-{settings['source']}-{settings_digest(settings)}"
         out = Path(str(p.get("dir") or "prompts")).expanduser() / f"{stem}.jsonl"
     out = Path(out)
     meta, partial = out.with_suffix(".json"), out.with_name(f"{out.stem}.captions.partial.jsonl")

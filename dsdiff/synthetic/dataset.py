@@ -199,7 +199,8 @@ class OnTheFlySynthetic(IterableDataset):
                 if self.store is not None:
                     reason = store_sample(self.store, sid, sample, options, tag=tag)
                 else:
-                    reason = filter_reason(sample.label, drop_empty=options.drop_empty, max_uncertain=options.max_uncertain)
+                    reason = filter_reason(sample.label, drop_empty=options.drop_empty, max_uncertain=options.max_uncertain,
+                                           class_ids=sample.class_ids)
                 if reason:
                     continue
                 image = torch.from_numpy(np.ascontiguousarray(sample.image)).permute(2, 0, 1)

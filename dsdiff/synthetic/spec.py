@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dsdiff.data.classes import class_words
+from dsdiff.data.classes import class_words, first_prompt_class
 from dsdiff.diffusion.generator import SyntheticGenerator
 from dsdiff.diffusion.pipeline import check_scheduler, model_identity
 from dsdiff.diffusion.prompts import (
@@ -62,7 +62,7 @@ def prompt_records(prompts: str | Path | None, class_names: Sequence[str], templ
         records = read_jsonl(path)
         if not records:
             raise SettingError(f"prompts file {path} holds no records")
-        bad = sorted({c for r in records for c in r.class_ids if not 0 < c < len(class_names)})
+        bad = sorted({c for r in records for c in r.class_ids if not first_prompt_class(class_names) <= c < len(class_names)})
         if bad:
             raise SettingError(f"prompts file {path} uses class ids {bad} outside this {len(class_names)}-class list: was it made for another dataset?")
         return records
@@ -70,7 +70,7 @@ def prompt_records(prompts: str | Path | None, class_names: Sequence[str], templ
         raise SettingError(f"synthetic.max_classes_per_prompt={max_classes}: use 1 or more")
     records = []
     for k in range(1, max_classes + 1):
-        for ids in permutations(range(1, len(class_names)), k):
+        for ids in permutations(range(first_prompt_class(class_names), len(class_names)), k):
             words = [class_words(class_names[c]) for c in ids]
             records.append(PromptRecord("class_" + "_".join(map(str, ids)), template_prompt(words, template), list(ids), words))
     return records

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,10 +62,13 @@ def save_label_png(label: np.ndarray, path: Path) -> Path:
     return save_image_atomic(im, path, format="PNG")
 
 
-def filter_reason(label: np.ndarray, *, drop_empty: bool = True, max_uncertain: float | None = None) -> str | None:
-    """Why a generated label map should be dropped, or None to keep it."""
+def filter_reason(label: np.ndarray, *, drop_empty: bool = True, max_uncertain: float | None = None,
+                  class_ids: Sequence[int] | None = None) -> str | None:
+    """Why a generated label map should be dropped, or None to keep it. Empty: no pixel of a prompted class
+    (``class_ids``; without them, no pixel other than 0 and 255: a class list with a background)."""
     label = np.asarray(label)
-    if drop_empty and not ((label != 0) & (label != IGNORE_INDEX)).any():
+    found = np.isin(label, list(class_ids)) if class_ids is not None else (label != 0) & (label != IGNORE_INDEX)
+    if drop_empty and not found.any():
         return "no_foreground"
     if max_uncertain is not None and (label == IGNORE_INDEX).mean() > max_uncertain:
         return "too_uncertain"
@@ -216,7 +219,9 @@ class SyntheticStore:
 
     def _finish(self, entry: dict, label: np.ndarray, tag: str) -> dict:
         label = np.asarray(label)
-        entry["foreground"] = round(float(((label != 0) & (label != IGNORE_INDEX)).mean()), 4)
+        # a prompted class 0 (a list without background, e.g. Cityscapes' road) is foreground too
+        background = label == 0 if 0 not in entry.get("class_ids", ()) else np.zeros(label.shape, dtype=bool)
+        entry["foreground"] = round(float((~background & (label != IGNORE_INDEX)).mean()), 4)
         entry["uncertain"] = round(float((label == IGNORE_INDEX).mean()), 4)
         self._append(MANIFEST, tag, entry)  # last: the sample is done once this line is written
         return entry
@@ -273,7 +278,8 @@ def store_sample(store: SyntheticStore, sid: str, sample, options: WriteOptions,
     drop it); returns that reason, or None when the sample was kept."""
     metadata = {k: v for k, v in sample.metadata.items() if k != "id"}
     metadata.update(class_ids=list(sample.class_ids), record_id=sample.metadata.get("id"))
-    reason = filter_reason(sample.label, drop_empty=options.drop_empty, max_uncertain=options.max_uncertain)
+    reason = filter_reason(sample.label, drop_empty=options.drop_empty, max_uncertain=options.max_uncertain,
+                           class_ids=sample.class_ids)
     if reason:
         store.write_dropped(sid, reason, metadata, tag=tag)
         return reason

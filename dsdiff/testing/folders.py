@@ -1,4 +1,4 @@
-"""Writers of tiny VOC- and COCO-format folders for tests and smoke runs; each returns what it drew.
+"""Writers of tiny VOC-, COCO-, Cityscapes- and image-folder datasets for tests and smoke runs; each returns what it drew.
 
 Every class is painted in its own colour plus noise, so a model can learn the folders.
 """
@@ -12,6 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from dsdiff.data.classes import (
+    CITYSCAPES_COLORS,
+    CITYSCAPES_ID_TO_TRAIN_ID,
     COCO_CATEGORIES,
     COCO_ID_TO_TRAIN_ID,
     IGNORE_INDEX,
@@ -198,4 +200,119 @@ def write_coco_folder(root: str | Path, n_train: int = 4, n_val: int = 3, size: 
         out["captions"][split] = {Path(im["file_name"]).stem: [c["caption"] for c in captions if c["image_id"] == im["id"]]
                                   for im in images}
         (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    return out
+
+
+# Cityscapes label ids the fixture draws: sky, building, vegetation, road, sidewalk, car, person; and
+# ids that are not evaluated: unlabeled 0, ego vehicle 1, static 4, trailer 30 (all read as 255).
+CITYSCAPES_FIXTURE_CITIES = {"train": ("aachen", "bochum"), "val": ("frankfurt",)}
+CITYSCAPES_IGNORED_IDS = (0, 1, 4, 30)
+
+
+def write_cityscapes_folder(root: str | Path, per_city: int = 2, size: tuple[int, int] = (64, 128), seed: int = 0) -> dict:
+    """Write a Cityscapes-layout folder (``leftImg8bit/<split>/<city>/``, ``gtFine/<split>/<city>/``) holding
+    only ``*_gtFine_labelIds.png`` label files: bands of sky / building / road, a car and a person, an ego
+    vehicle strip at the bottom, unlabeled pixels and two other unevaluated ids.
+
+    Returns ``{"root", "splits": {split: [frame ids]}, "label_ids": {id: uint8 (H, W)}, "train_ids":
+    {id: uint8 (H, W) expected train ids}, "labels": {id: sorted train ids present}}``.
+    """
+    root = Path(root)
+    height, width = size
+    rng = np.random.default_rng(seed)
+    out = {"root": root, "splits": {}, "label_ids": {}, "train_ids": {}, "labels": {}}
+    colors = {lid: CITYSCAPES_COLORS[tid] for lid, tid in CITYSCAPES_ID_TO_TRAIN_ID.items()}
+    y, x = np.mgrid[:height, :width]
+    for split, cities in CITYSCAPES_FIXTURE_CITIES.items():
+        out["splits"][split] = []
+        for city in cities:
+            (root / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+            (root / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+            for k in range(per_city):
+                name = f"{city}_{k:06d}_{19 + k:06d}"
+                sky, road = int(rng.integers(height // 5, height // 3)), int(rng.integers(height // 2, 2 * height // 3))
+                ids = np.full((height, width), 11, dtype=np.uint8)  # building
+                ids[:sky] = 23
+                ids[sky:road, : width // 6] = 21  # vegetation on the left
+                ids[road:] = 7
+                ids[road:road + height // 12, width - width // 5:] = 8  # a strip of sidewalk
+                top, left = road - height // 8, int(rng.integers(width // 5, width // 2))
+                ids[top:top + height // 5, left:left + width // 5] = 26  # a car on the road
+                px = int(rng.integers(width // 2 + 8, width - width // 4))
+                ids[((y - (road - height // 10)) / (height / 8)) ** 2 + ((x - px) / (width / 40)) ** 2 <= 1] = 24
+                ids[height - height // 10:] = 1  # the ego vehicle's bonnet
+                ids[:2, :] = 0  # an unlabeled border
+                ids[sky + 2:sky + 6, width // 2:width // 2 + 6] = 4
+                ids[height // 2:height // 2 + 3, width - 8:] = 30
+                image = rng.integers(90, 140) + rng.normal(0, 8, (height, width, 3))
+                for lid in np.unique(ids):
+                    region = ids == lid
+                    image[region] = np.array(colors.get(int(lid), (60, 60, 60))) + rng.normal(0, 8, (int(region.sum()), 3))
+                pixels = image.clip(0, 255).round().astype(np.uint8)
+                Image.fromarray(pixels).save(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
+                Image.fromarray(ids, mode="L").save(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png")
+                train_ids = np.full_like(ids, IGNORE_INDEX)
+                for lid, tid in CITYSCAPES_ID_TO_TRAIN_ID.items():
+                    train_ids[ids == lid] = tid
+                out["label_ids"][name], out["train_ids"][name] = ids, train_ids
+                out["labels"][name] = sorted(int(c) for c in np.unique(train_ids) if c != IGNORE_INDEX)
+                out["splits"][split].append(name)
+    return out
+
+
+# The image folder's classes (classes.txt) and colours: value 0 is background.
+FOLDER_FIXTURE_CLASSES = ("background", "cat", "dog", "traffic cone")
+FOLDER_FIXTURE_COLORS = {1: (210, 50, 40), 2: (40, 170, 60), 3: (50, 70, 210)}
+
+
+def write_image_folder(root: str | Path, n_images: int = 10, size: int = 48, mask_format: str = "palette",
+                       split_files: bool = True, seed: int = 0, classes: tuple[str, ...] = FOLDER_FIXTURE_CLASSES) -> dict:
+    """Write a dataset folder for ``data=folder``: ``classes.txt``, ``images/<name>.jpg`` (every third a
+    ``.png``), ``masks/<name>.png`` as palette (``mask_format="palette"``, VOC's colours) or plain
+    grayscale index PNGs (``"index"``), and with ``split_files`` ``splits/train.txt`` / ``splits/val.txt``
+    (the last third val). Boxes and ellipses of each class in its own colour, a 255 band around some.
+
+    Returns ``{"root", "classes", "splits": {split: [names]} (None without split files), "masks": {name: uint8 (H, W)},
+    "labels": {name: sorted class ids present, background and 255 left out}}``.
+    """
+    if mask_format not in ("palette", "index"):
+        raise ValueError(f"mask_format={mask_format!r}: palette or index")
+    root = Path(root)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    rng = np.random.default_rng(seed)
+    first = 1 if classes[0] == "background" else 0
+    drawn = list(range(first, len(classes)))
+    out = {"root": root, "classes": tuple(classes), "splits": None, "masks": {}, "labels": {}}
+    names = []
+    for i in range(n_images):
+        name = f"img_{i:03d}"
+        image = _background(rng, size)
+        mask = np.full((size, size), 0, dtype=np.uint8)
+        for label in rng.choice(drawn, size=min(len(drawn), int(rng.integers(1, 3))), replace=False):
+            h, w = (int(v) for v in rng.integers(size // 4, size // 2, 2))
+            top, left = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
+            region = (_box if rng.random() < 0.5 else _ellipse)(size, top, left, h, w)
+            if i % 2:
+                mask[_box(size, top, left, h, w, pad=1) & ~region] = IGNORE_INDEX
+            mask[region] = label
+            _paint(image, region, FOLDER_FIXTURE_COLORS.get(int(label), (200, 200, 200)), rng)
+        if i % 3 == 2:
+            Image.fromarray(image.clip(0, 255).round().astype(np.uint8)).save(root / "images" / f"{name}.png")
+        else:
+            _save_jpeg(image, root / "images" / f"{name}.jpg")
+        png = Image.fromarray(mask)
+        if mask_format == "palette":
+            png.putpalette(flat_palette())
+        png.save(root / "masks" / f"{name}.png")
+        out["masks"][name] = mask
+        out["labels"][name] = sorted(int(c) for c in np.unique(mask) if c != IGNORE_INDEX and c >= first)
+        names.append(name)
+    if split_files:
+        (root / "splits").mkdir(exist_ok=True)
+        cut = n_images - max(1, n_images // 3)
+        out["splits"] = {"train": names[:cut], "val": names[cut:]}
+        for split, listed in out["splits"].items():
+            (root / "splits" / f"{split}.txt").write_text("\n".join(listed) + "\n")
     return out
