@@ -67,6 +67,8 @@ def check_values(cfg: DictConfig) -> None:
                 f"data.train_transform.crop_size={crop} is not a multiple of the output stride {stride}: "
                 f"use e.g. {side - side % stride or stride}"
             )
+    if cfg.get("train") and cfg.data.get("train_transform") is not None:
+        hydra.utils.instantiate(cfg.data.train_transform)  # its settings are validated when it is built (cheap)
     max_steps = cfg.trainer.get("max_steps")
     if cfg.get("train") and not cfg.trainer.get("fast_dev_run") and max_steps is not None and int(max_steps) <= 0:
         raise SettingError(

@@ -296,6 +296,28 @@ def test_resize_ratio_scales_the_image_and_padding_is_ignored():
     assert (x[:, 20:] == 0).all() and (x[:, :, 24:] == 0).all()  # mean colour after normalisation
 
 
+def test_resize_relative_to_a_scale_gives_a_voc_image_mmsegs_size():
+    """mmseg's RandomResize(scale=(2048, 512), ratio_range, keep_ratio=True): a 500x375 image is fitted into
+    (int(2048 r), int(512 r)), factor min(2048 r / 500, 512 r / 375), not scaled by r itself."""
+    from dsdiff.data.transforms import random_resize_size
+
+    assert random_resize_size(375, 500, 1.0, (2048, 512)) == (512, 683)   # factor 512/375, as mmseg's test Resize
+    assert random_resize_size(375, 500, 0.5, (2048, 512)) == (256, 341)   # scale (1024, 256): factor 256/375
+    assert random_resize_size(375, 500, 1.7, (2048, 512)) == (870, 1160)  # scale (3481, 870): factor 870/375
+    assert random_resize_size(375, 500, 1.0) == (375, 500)                # null: relative to the image itself
+    # a 512x512 synthetic image: the same size to within mmseg's truncation of the target scale (int(665.6))
+    assert random_resize_size(512, 512, 1.3, (2048, 512)) == (665, 665) and random_resize_size(512, 512, 1.3) == (666, 666)
+    assert random_resize_size(512, 512, 1.25, (2048, 512)) == random_resize_size(512, 512, 1.25) == (640, 640)
+    assert random_resize_size(100, 3000, 1.0, (2048, 512)) == (68, 2048)  # the long side bounds a panorama
+    # through the transform: with the ratio at 1 the resized image is 512x683 (the rest of the crop is padding)
+    image, mask = halves(375, 500)
+    x, y = TrainTransform(1024, scale_range=(1.0, 1.0), scale=(2048, 512), photometric=False, hflip=False)(image, mask)
+    kept = (y != IGNORE_INDEX).nonzero()
+    assert kept[:, 0].max().item() + 1 == 512 and kept[:, 1].max().item() + 1 == 683
+    with pytest.raises(ValueError, match="data.train_transform.scale"):
+        TrainTransform(512, scale=(2048,))
+
+
 def test_flip_moves_image_and_mask_together():
     image, mask = halves()
     transform = TrainTransform((24, 32), scale_range=(1.0, 1.0), photometric=False)

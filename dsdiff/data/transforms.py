@@ -104,6 +104,22 @@ def random_crop_box(mask: Tensor, crop: tuple[int, int], cat_max_ratio: float | 
     return box
 
 
+def random_resize_size(height: int, width: int, ratio: float, scale: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (H, W) an image is resized to for a drawn ``ratio``.
+
+    ``scale=None``: relative to the image's own size, ``(round(H * ratio), round(W * ratio))``.
+    ``scale=(long, short)``: mmseg's ``RandomResize(scale, ratio_range, keep_ratio=True)``: the target
+    scale is ``(int(long * ratio), int(short * ratio))`` and the image is rescaled, keeping its ratio,
+    to fit in it (:func:`dsdiff.models.tta.keep_ratio_size`). A 500x375 VOC image at ratio 1 in (2048, 512)
+    becomes 683x512; a 512x512 image gets the same size either way (to within a pixel's rounding).
+    """
+    if scale is None:
+        return max(1, round(height * ratio)), max(1, round(width * ratio))
+    from dsdiff.models.tta import keep_ratio_size
+
+    return keep_ratio_size(height, width, (int(max(scale) * ratio), int(min(scale) * ratio)))
+
+
 class TrainTransform:
     """Random resize, random crop, flip, photometric distortion, normalise, pad (mmseg order).
 
@@ -113,7 +129,9 @@ class TrainTransform:
     Returns a float32 (3, ch, cw) normalised image and an int64 (ch, cw) mask. Images smaller
     than the crop are padded at the bottom/right after normalisation, as mmseg does: the image
     with 0 (the mean colour), the mask with ``ignore_index`` so padding gives no gradient.
-    The resize ratio is relative to the image's own size.
+    The resize ratio is relative to the image's own size; with ``scale=(long, short)`` it is relative
+    to that scale, as mmseg's ``RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0), keep_ratio=True)``
+    (the real-label recipes; see :func:`random_resize_size`).
     """
 
     def __init__(
@@ -126,6 +144,7 @@ class TrainTransform:
         std: tuple[float, ...] = IMAGENET_STD,
         ignore_index: int = IGNORE_INDEX,
         cat_max_ratio: float | None = None,
+        scale: tuple[int, int] | None = None,
     ) -> None:
         if cat_max_ratio is not None and not 0 < cat_max_ratio <= 1:
             raise SettingError(f"cat_max_ratio={cat_max_ratio}: expected a share in (0, 1] (mmseg: 0.75), or null for a plain random crop")
@@ -136,6 +155,10 @@ class TrainTransform:
         if not 0 < scale_range[0] <= scale_range[1]:
             raise SettingError(f"expected scale_range (low, high) with 0 < low <= high; found {scale_range}")
         self.scale_range = tuple(scale_range)
+        if scale is not None and (len(scale) != 2 or min(scale) < 1):
+            raise SettingError(f"data.train_transform.scale={list(scale)}: expected [long, short] sides >= 1 "
+                               "(mmseg: [2048, 512]), or null to resize relative to each image's own size")
+        self.scale = None if scale is None else (int(scale[0]), int(scale[1]))
         self.hflip = hflip
         self.photometric = photometric
         self.mean = list(mean)
@@ -145,8 +168,7 @@ class TrainTransform:
     def __call__(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         mask = _check_pair(image, mask)
         height, width = image.shape[1:]
-        ratio = _uniform(*self.scale_range)
-        size = [max(1, round(height * ratio)), max(1, round(width * ratio))]
+        size = list(random_resize_size(height, width, _uniform(*self.scale_range), self.scale))
         image = F.resize(image, size, InterpolationMode.BILINEAR, antialias=True)
         mask = F.resize(mask[None], size, InterpolationMode.NEAREST)[0]
 
