@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import hydra
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -99,6 +100,40 @@ def test_ddp_on_gpus_syncs_batchnorm_and_on_cpus_keeps_it_with_one_log_line(make
     off = ("trainer.sync_batchnorm=true is off: SyncBatchNorm works on GPUs only (accelerator=cpu here), so each "
            "process keeps plain BatchNorm over its own 2 images")
     assert [line for line in lines if "SyncBatchNorm" in line] == [off]
+
+
+class _Stop(Exception):
+    """Raised by the probe once it has seen the layers: no training step is needed."""
+
+
+class _BatchNormProbe(L.Callback):
+    """The normalisation layers of the net as Lightning hands it to the training loop."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.types = {type(m) for m in pl_module.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+        raise _Stop
+
+
+@pytest.mark.parametrize("trainer", [
+    pytest.param(["trainer=ddp", "trainer.devices=1"], marks=[
+        pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")], id="gpu"),
+    pytest.param(["trainer=ddp_cpu", "trainer.devices=1", "trainer.sync_batchnorm=true"], id="cpu"),
+])
+def test_the_stage_trainer_syncs_batchnorm_on_gpus_only(make_cfg, tmp_path, trainer):
+    """dsdiff.train's stage Trainer under DDP: SyncBatchNorm in the net on a GPU, plain BatchNorm on a CPU."""
+    from dsdiff.train import make_trainer
+
+    cfg = make_cfg([*FAST, *trainer, "data.batch_size=4", "data.tune.size=2", "data.test.size=2"])
+    probe = _BatchNormProbe()
+    trainer = make_trainer(cfg, tmp_path, [], callbacks=[probe])
+    try:
+        with pytest.raises(_Stop):
+            trainer.fit(hydra.utils.instantiate(cfg.model), datamodule=hydra.utils.instantiate(cfg.data))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    expected = torch.nn.SyncBatchNorm if cfg.trainer.accelerator == "gpu" else torch.nn.BatchNorm2d
+    assert probe.types == {expected}
 
 
 def test_a_one_process_run_records_its_batch(make_cfg, tmp_path):

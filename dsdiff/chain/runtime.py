@@ -130,6 +130,8 @@ class TrainBatchGuard(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()):
             return
+        if trainer.world_size > 1 and any(isinstance(m, torch.nn.SyncBatchNorm) for m in pl_module.modules()):
+            return  # SyncBatchNorm: the statistics are over every process's share of the global batch
         loaders = trainer.train_dataloader
         for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
             batch_size = getattr(loader, "batch_size", None)
