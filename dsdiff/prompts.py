@@ -48,25 +48,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("class labels (one of)")
-    src.add_argument("--dataset", choices=["voc", "coco"], help="read labels from a dataset folder (needs --root)")
+    src.add_argument("--dataset", choices=["voc", "coco", "cityscapes", "folder"],
+                     help="read labels from a dataset folder (needs --root; folder: docs/datasets.md)")
     src.add_argument("--labels", help="JSON file {image_id: [class indices]} for any class list (with --classes)")
-    p.add_argument("--root", help="dataset root (VOC2012 folder or COCO folder with annotations/)")
+    p.add_argument("--root", help="dataset root (VOC2012 folder, COCO folder with annotations/, Cityscapes folder with "
+                                  "leftImg8bit/ and gtFine/, or an image folder with classes.txt)")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
-    p.add_argument("--classes", help="class list name (voc, coco); default: the dataset's")
+    p.add_argument("--classes", help="class list name (voc, coco, cityscapes) or class list file; default: the dataset's")
     p.add_argument("--captions", help="captions file; without it every image gets a class template")
     p.add_argument("--out", required=True, help="output JSONL path (written atomically)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help=f"class-only template (default: {DEFAULT_TEMPLATE!r})")
     p.add_argument("--max-captions", type=int, default=None, help="captions used per image (default: all)")
     p.add_argument("--no-append-classes", action="store_true", help="do not append '; <class words>' to prompts")
     p.add_argument("--tokenizer", help="pipeline/tokenizer folder or hub id: truncate prompts over its limit now")
-    cap = p.add_argument_group("captioning a VOC folder (the prompts stage of `generate`, resumable)")
+    cap = p.add_argument_group("captioning a VOC, Cityscapes or image folder (the prompts stage of `generate`, resumable)")
     cap.add_argument("--captioner", help="BLIP hub id or local folder: caption the images, one caption per prefix")
     cap.add_argument("--prefixes", nargs="+", default=None, help="conditional text per caption (default: conf/prompts)")
     cap.add_argument("--batch-size", type=int, default=16, help="images per captioner forward pass")
     cap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     args = p.parse_args(argv)
-    if args.captioner and (args.dataset != "voc" or args.captions or args.labels or args.no_append_classes):
-        p.error("--captioner captions a VOC folder: use it with --dataset voc --root DIR, without --captions/--labels")
+    if args.captioner and (args.dataset not in CAPTIONED or args.captions or args.labels or args.no_append_classes):
+        p.error("--captioner captions a VOC, Cityscapes or image folder: use it with --dataset voc|cityscapes|folder "
+                "--root DIR, without --captions/--labels")
     if bool(args.dataset) == bool(args.labels):
         p.error("pass exactly one of --dataset (with --root) or --labels")
     if args.dataset and not args.root:
@@ -76,12 +79,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+CAPTIONED = ("voc", "cityscapes", "folder")  # datasets whose images the captioner reads (COCO has its captions)
+
+
+def _class_list(dataset: str, root: str) -> str:
+    """The class list of ``--dataset``: its name, or for an image folder its ``classes.txt``."""
+    return str(Path(root).expanduser() / "classes.txt") if dataset == "folder" else dataset
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if args.captioner:
         return _caption_cli(args)
-    class_names = get_class_list(args.classes or args.dataset).classes
+    class_names = get_class_list(args.classes or _class_list(args.dataset, args.root)).classes
     if args.labels:
         image_labels = {str(k): list(v) for k, v in json.loads(Path(args.labels).read_text()).items()}
     else:
@@ -108,7 +119,7 @@ def _caption_cli(args: argparse.Namespace) -> Path:
                  "per_image": args.max_captions, "batch_size": args.batch_size, "device": args.device, "dir": None}
     if args.prefixes:
         overrides["prefixes"] = args.prefixes
-    cfg = OmegaConf.create({"data": {"class_list": "voc"}, "paths": {"voc": args.root},
+    cfg = OmegaConf.create({"data": {"class_list": _class_list(args.dataset, args.root)}, "paths": {args.dataset: args.root},
                             "prompts": OmegaConf.merge(prompts, overrides)})
     out = ensure_prompts(cfg, out=Path(args.out))
     if args.tokenizer:

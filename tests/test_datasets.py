@@ -273,3 +273,16 @@ def test_folder_prompts_stage_reads_its_train_masks(make_cfg, folder, tmp_path):
     assert inputs["class_names"] == FOLDER_FIXTURE_CLASSES
     assert inputs["labels"] == {n: folder["labels"][n] for n in folder["splits"]["train"]}
     assert set(inputs["images"]) == {n for n in folder["splits"]["train"] if folder["labels"][n]}
+
+
+def test_prompts_command_reads_cityscapes_and_folder_labels(cityscapes, folder, tmp_path):
+    from dsdiff.prompts import main
+    from dsdiff.diffusion.prompts import read_jsonl
+
+    records = read_jsonl(main(["--dataset", "cityscapes", "--root", str(cityscapes["root"]), "--out", str(tmp_path / "cs.jsonl")]))
+    first = cityscapes["splits"]["train"][0]
+    assert [(r.image_id, r.class_ids) for r in records][0] == (first, cityscapes["labels"][first])
+    assert records[0].prompt.startswith("a photo of a road and a sidewalk")
+    records = read_jsonl(main(["--dataset", "folder", "--root", str(folder["root"]), "--out", str(tmp_path / "f.jsonl")]))
+    assert {r.image_id: r.class_ids for r in records} == {n: v for n, v in folder["labels"].items()
+                                                           if n in folder["splits"]["train"] and v}
