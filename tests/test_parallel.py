@@ -160,6 +160,7 @@ def test_two_process_ddp_trains_on_the_global_batch_and_tests_every_image_once(m
                 "data.batch_size=4", *data, *steps, f"hydra.run.dir={run}", cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert "SyncBatchNorm works on GPUs only (accelerator=cpu here)" in log  # and training ran with plain BatchNorm
+    assert "resuming the chain" not in log  # the second process joins the fresh run
     stages = json.loads((run / "stages.json").read_text())
     assert stages["train"]["batch"] == {"global": 4, "per_device": 2, "devices": 2}
     trained = json.loads((run / "metrics.json").read_text())

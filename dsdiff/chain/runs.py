@@ -5,7 +5,10 @@ entry per finished stage::
 
     {"run": {"task_name": ..., "digest": ..., "config": {...}, "chain": ..., "started": ...,
              "resumes": [...], "changes": [...]},
-     "generate": {...}, "train": {...}, ...}
+     "generate": {...}, "train": {"checkpoint": ..., "step": ..., "metrics": {...},
+                                  "batch": {"global": 8, "per_device": 2, "devices": 4}}, ...}
+
+(``batch``: each training stage's global ``data.batch_size``, split over its ``devices`` processes.)
 
 The identity is the task name plus a digest of the resolved config without the keys that cannot
 change a result (loggers, output paths, resume settings, progress bars, ...: ``NEUTRAL``).
@@ -225,7 +228,8 @@ def open_run(cfg: DictConfig) -> tuple[Path, Stages]:
         record.update(new)  # later resumes compare against the settings it now runs with
     stages.data = {RUN_KEY: record, **{k: v for k, v in stages.data.items() if k != RUN_KEY}}
     stages._save()
-    log.info("resuming the chain in %s (finished stages: %s)", work, ", ".join(stages.finished()) or "none")
+    if rank_zero_only.rank == 0:  # a DDP process that Lightning started joins its parent's run: no resume to report
+        log.info("resuming the chain in %s (finished stages: %s)", work, ", ".join(stages.finished()) or "none")
     return work, stages
 
 
