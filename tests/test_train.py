@@ -148,6 +148,12 @@ def test_recipe_settings_of_the_original(make_cfg):
         assert list(cfg.model.eval_scale) == [2048, 512] and cfg.optimized_metric == "tune/mIoU"
         assert "model_checkpoint" not in cfg.callbacks  # no checkpoint chosen by a metric
     voc, coco = make_cfg(["+experiment=voc_deeplab"]), make_cfg(["+experiment=coco_deeplab"])
+    for synthetic in (voc, coco):  # the original's images: JPEG at PIL's default quality, with its negative prompt
+        assert (synthetic.synthetic.image_format, synthetic.synthetic.jpeg_quality) == ("jpg", 75)
+        assert synthetic.generator.negative_prompt.startswith("ugly, tiling,") and synthetic.data.train_transform.scale is None
+    assert voc.trainer.val_check_interval == 1000 and coco.trainer.val_check_interval == 4000  # val_interval
+    for real in ("voc_real", "coco_real"):  # mmseg's RandomResize(scale=(2048, 512), ratio_range=(0.5, 2.0))
+        assert list(make_cfg([f"+experiment={real}"]).data.train_transform.scale) == [2048, 512]
     assert voc.data.tune.split == "train" and voc.data.tune.subset == 300 and voc.data.test.split == "val"
     assert coco.data.tune.split == "train" and coco.data.tune.subset == 500 and coco.data.test.split == "val"
     shapes = make_cfg(["+experiment=shapes_deeplab"])

@@ -92,6 +92,15 @@ class Recording:
         self.cross, self.self_attn = self.store.mean("cross"), self.store.mean("self")
 
 
+def unet_calls(scheduler, steps: int) -> int:
+    """How many UNet calls (denoising-loop iterations) ``steps`` inference steps make with ``scheduler``:
+    its ``timesteps`` after ``set_timesteps`` on a copy (DDIM, DPM-Solver, Euler: ``steps``; PNDM, as SD 2.1-base
+    ships it: ``steps + 1``)."""
+    copy = type(scheduler).from_config(scheduler.config)
+    copy.set_timesteps(steps, device="cpu")
+    return len(copy.timesteps)
+
+
 class SyntheticGenerator:
     """Generate images and pixel labels from captions with a Stable Diffusion pipeline.
 
@@ -280,7 +289,8 @@ class SyntheticGenerator:
         factor = image_to_latent_factor(self.pipe)
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} is not a multiple of this pipeline's latent factor {factor}")
-        record_steps = self.labels.record_steps(steps)
+        # the window is counted over the UNet calls the sampler makes (PNDM: steps + 1, its PLMS warm-up)
+        record_steps = self.labels.record_steps(unet_calls(self.pipe.scheduler, steps))
         requests = self.requests(prompts)
         pixel_space = is_pixel_space(self.pipe)
         if pixel_space:

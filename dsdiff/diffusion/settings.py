@@ -32,7 +32,8 @@ class LabelSettings:
 
     Defaults are the paper's: cross-attention at 16, self-attention at 32, ``refined = S^tau A`` with
     tau 4, label where the max map >= alpha (0.6), background below beta (0.5), uncertain (255) in
-    between, maps averaged over all denoising steps (``window``: a fraction range of the steps).
+    between, maps averaged over all denoising steps (``window``: a fraction range of the sampler's UNet
+    calls, which PNDM makes one more of than steps: ``[0, 1]`` records all 101 of 100 PNDM steps, as the original).
     ``class_prompt=False`` takes the maps from the prompt's own class-word tokens (an ablation).
     """
 
@@ -71,7 +72,7 @@ class LabelSettings:
         return cls(**{**given, **overrides})
 
     def record_steps(self, steps: int) -> range:
-        """The denoising step indices whose attention is averaged."""
+        """The indices (of the ``steps`` denoising steps, or UNet calls) whose attention is averaged."""
         record = range(math.ceil(self.window[0] * steps), math.ceil(self.window[1] * steps))
         if not record:
             raise SettingError(f"{SETTING}.window={list(self.window)} holds none of {steps} steps: widen it or add steps")

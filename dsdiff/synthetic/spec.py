@@ -95,6 +95,10 @@ def check_settings(generator: Mapping, synthetic: Mapping) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise SettingError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
     check_scheduler(generator.get("scheduler"))
+    negative = generator.get("negative_prompt")
+    if negative is not None and (not isinstance(negative, str) or not negative.strip()):
+        raise SettingError(f"generator.negative_prompt={negative!r}: the text the sampler steers away from "
+                           "(conf/generator/sd21.yaml holds the original's), or null for none")
     LabelSettings.of(generator.get("labels"))
     WriteOptions.from_synthetic(synthetic)
 
@@ -171,6 +175,7 @@ class GenerationPlan:
                         "template": synthetic.get("template"), "max_classes": synthetic.get("max_classes_per_prompt", 1),
                         "records": len(self.records), "digest": records_digest(self.records)},
             "image_format": synthetic.get("image_format", "png"),
+            **({"jpeg_quality": WriteOptions.from_synthetic(synthetic).jpeg_quality} if synthetic.get("image_format") == "jpg" else {}),
             "filters": synthetic.get("filters", {}),
         }
 

@@ -264,11 +264,15 @@ class WriteOptions:
     def __post_init__(self) -> None:
         if self.image_format not in IMAGE_FORMATS:
             raise SettingError(f"synthetic.image_format={self.image_format!r}: use one of {sorted(IMAGE_FORMATS)}")
+        quality = self.jpeg_quality
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise SettingError(f"synthetic.jpeg_quality={quality!r}: PIL's JPEG quality, a whole number in 1..100 "
+                               "(75: PIL's default, the original's; 95: near lossless)")
 
     @classmethod
     def from_synthetic(cls, synthetic: Mapping) -> WriteOptions:
         filters = synthetic.get("filters") or {}
-        return cls(image_format=synthetic.get("image_format", "png"), jpeg_quality=int(synthetic.get("jpeg_quality", 95)),
+        return cls(image_format=synthetic.get("image_format", "png"), jpeg_quality=synthetic.get("jpeg_quality", 95),
                    save_attention=bool(synthetic.get("save_attention")), drop_empty=bool(filters.get("drop_empty", True)),
                    max_uncertain=filters.get("max_uncertain"))
 

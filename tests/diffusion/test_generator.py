@@ -190,3 +190,60 @@ def test_caption_tokens_instead_of_the_class_prompt(tiny_pipeline_dir, tokenizer
     assert a.class_ids == b.class_ids
     assert a.attention["cross"].shape == b.attention["cross"].shape
     assert not np.allclose(a.attention["cross"], b.attention["cross"])  # other keys, other maps
+
+
+def test_pndm_at_100_steps_records_all_101_unet_calls(tiny_pipeline_dir):
+    """SD 2.1-base ships PNDM (PLMS, skip_prk_steps): 100 steps make 101 UNet calls, and the window [0, 1]
+    records every one of them, as the original does (a window counted in steps would miss the last)."""
+    from diffusers import PNDMScheduler
+
+    from dsdiff.diffusion.generator import unet_calls
+
+    gen = SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, dtype="fp32", device="cpu", num_inference_steps=100)
+    gen.pipe.scheduler = PNDMScheduler.from_config(gen.pipe.scheduler.config, skip_prk_steps=True, set_alpha_to_one=False)
+    calls = []
+    hook = gen.pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(gen.store.recording))
+    try:
+        sample = gen([{"id": "p", "prompt": "a cat; cat", "class_ids": [VOC["cat"]]}], seeds=[0], guidance_scale=1.0)[0]
+    finally:
+        hook.remove()
+    recorded = [c for c in calls if c]
+    assert len(calls) == 101 and len(recorded) == 101
+    assert sample.metadata["recorded_steps"] == 101 and sample.metadata["scheduler"] == "PNDMScheduler"
+    assert unet_calls(gen.pipe.scheduler, 100) == 101
+    # DDIM makes one call per step: the same 100 as before
+    assert unet_calls(SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu").pipe.scheduler, 100) == 100
+
+
+def test_the_recipes_negative_prompt_reaches_the_pipeline(tiny_pipeline_dir, monkeypatch):
+    """conf/generator/sd21.yaml holds the original's negative prompt (gen_data.py: three pieces joined with no
+    space after their commas); its embeddings are the unconditional branch of every batch."""
+    from hydra import compose, initialize_config_dir
+
+    from dsdiff.chain.config import config_dir
+    from dsdiff.utils.config import to_plain
+
+    original = ("ugly, tiling, poorly drawn hands, poorly drawn feet, poorly drawn face,"
+                "out of frame, extra limbs, disfigured, deformed, body out of frame, bad anatomy,"
+                "watermark, signature, cut off, low contrast, underexposed, overexposed, bad art, beginner, amateur, distorted face")
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for experiment in ("voc_deeplab", "coco_deeplab"):
+            assert compose("train", overrides=[f"+experiment={experiment}"]).generator.negative_prompt == original
+        settings = to_plain(compose("train", overrides=["+experiment=voc_deeplab"]).generator)
+    gen = SyntheticGenerator.from_settings({**settings, "model": str(tiny_pipeline_dir)}, VOC_CLASSES, device="cpu")
+    assert gen.negative_prompt == original
+    seen = []
+    encode = gen.pipe.encode_prompt
+
+    def spy(*args, **kwargs):
+        out = encode(*args, **kwargs)
+        seen.append((kwargs.get("negative_prompt", args[4] if len(args) > 4 else None), out[1]))
+        return out
+
+    monkeypatch.setattr(gen.pipe, "encode_prompt", spy)
+    sample = gen(PROMPTS, seeds=[0, 1], num_inference_steps=2)[0]
+    negatives = [(n, e) for n, e in seen if e is not None]  # the pipeline's call (the class prompts have no negative)
+    assert len(negatives) == 1 and negatives[0][0] == [original, original]
+    torch.testing.assert_close(negatives[0][1], encode(prompt=[original] * 2, device="cpu", num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=False)[0])
+    assert sample.metadata["negative_prompt"] == original

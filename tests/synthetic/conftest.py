@@ -11,7 +11,8 @@ from dsdiff.testing.tiny_sd import save_tiny_pipeline
 # 32px images (16x16 latent): attention at 16x16 and 8x8
 GEN_ARGS = ["generator.num_inference_steps=2", "generator.labels.cross_res=8", "generator.labels.self_res=16",
             "generator.labels.alpha=0.55", "generator.labels.beta=0.45", "synthetic.filters.drop_empty=false",
-            "prompts=default"]  # class templates: no captioner offline
+            "prompts=default",  # class templates: no captioner offline
+            "synthetic.image_format=png"]  # lossless images (the VOC recipe's own are JPEG at quality 75)
 
 
 @pytest.fixture(scope="session")

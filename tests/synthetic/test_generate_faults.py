@@ -42,7 +42,7 @@ def _without_letter_v(src, dst):
 
 
 @pytest.mark.parametrize("case", ["missing_model", "missing_folder", "not_a_pipeline", "unknown_scheduler", "alpha_below_beta",
-                                  "negative_tau", "unplaceable_class", "weights_fail_to_load"])
+                                  "negative_tau", "unplaceable_class", "weights_fail_to_load", "jpeg_quality", "negative_prompt"])
 def test_a_failed_generation_writes_nothing_and_the_corrected_rerun_succeeds(case, gen_inproc, tiny32, tmp_path):
     out = tmp_path / "syn"
     if case == "not_a_pipeline":
@@ -64,6 +64,8 @@ def test_a_failed_generation_writes_nothing_and_the_corrected_rerun_succeeds(cas
         "negative_tau": (["generator.labels.tau=-1"], "generator.labels.tau=-1"),
         "unplaceable_class": ([f"generator.model={tmp_path / 'nov'}"], "class name 'tvmonitor'"),
         "weights_fail_to_load": ([f"generator.model={broken}"], "could not load the pipeline"),
+        "jpeg_quality": (["synthetic.image_format=jpg", "synthetic.jpeg_quality=0"], "synthetic.jpeg_quality=0"),
+        "negative_prompt": (["generator.negative_prompt=5"], "generator.negative_prompt=5"),
     }[case]
     with pytest.raises(ConfigError, match=error):
         gen_inproc(out, 2, *bad)

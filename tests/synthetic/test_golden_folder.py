@@ -46,7 +46,9 @@ CASES = {
     "tiny_sd_voc": lambda tiny32: ["+experiment=voc_deeplab", "debug=fast", f"generator.model={tiny32}",
                                    "generator.num_inference_steps=2", "generator.labels.cross_res=8",
                                    "generator.labels.self_res=16", "generator.labels.alpha=0.55", "generator.labels.beta=0.45", "synthetic.filters.drop_empty=false",
-                                   "prompts=default"],
+                                   "prompts=default",
+                                   # as recorded: no negative prompt, PNG images (the recipe's are the original's, JPEG)
+                                   "generator.negative_prompt=null", "synthetic.image_format=png"],
 }
 
 

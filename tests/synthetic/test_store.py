@@ -208,3 +208,41 @@ def test_a_sample_made_again_counts_where_its_latest_row_is(tmp_path):
     _fill(store, [0], tag="rank1")  # and again, kept
     store.compact()
     assert [e["id"] for e in store.entries()] == ["0000000", "0000001"] and store.dropped() == []
+
+
+def test_jpeg_images_at_the_recipes_quality_are_pils_default_encoding(tmp_path):
+    """synthetic.jpeg_quality=75 (the VOC/COCO recipes) writes the bytes PIL's default JPEG save writes, as the
+    original's ``image.save(f"{...}.jpg")``; 95 writes others. Masks stay PNG."""
+    import io
+
+    image, label = _sample(3, size=64)
+    store = SyntheticStore(tmp_path / "syn")
+    store.prepare(CONFIG)
+    entry = store.write_sample("0000003", image, label, {"seed": 3, "class_ids": [4]}, image_format="jpg", jpeg_quality=75)
+    default = io.BytesIO()
+    Image.fromarray(image).save(default, format="JPEG")
+    written = (store.root / entry["image"]).read_bytes()
+    assert entry["image"] == "images/0000003.jpg" and entry["mask"] == "masks/0000003.png"
+    assert written == default.getvalue()
+    store.write_sample("0000004", image, label, {"seed": 4, "class_ids": [4]}, image_format="jpg", jpeg_quality=95)
+    assert (store.root / "images" / "0000004.jpg").read_bytes() != written
+
+
+def test_dataset_json_records_the_jpeg_quality_and_negative_prompt_and_bad_values_are_refused():
+    from dsdiff.synthetic.spec import GenerationPlan, check_settings
+    from dsdiff.utils.errors import SettingError
+
+    generator = {"model": None, "negative_prompt": "ugly, tiling", "batch_size": 2}
+    synthetic = {"num_images": 4, "seed": 0, "template": "a photo of {}", "filters": {}}
+    jpeg = GenerationPlan.from_settings(generator, {**synthetic, "image_format": "jpg", "jpeg_quality": 75}, VOC_CLASSES)
+    png = GenerationPlan.from_settings(generator, {**synthetic, "image_format": "png", "jpeg_quality": 75}, VOC_CLASSES)
+    config = jpeg.dataset_config()
+    assert config["image_format"] == "jpg" and config["jpeg_quality"] == 75
+    assert config["generator"]["negative_prompt"] == "ugly, tiling"
+    assert "jpeg_quality" not in png.dataset_config()  # unused by PNG folders: their identity is as before
+    for bad, message in [({"image_format": "jpg", "jpeg_quality": 0}, "synthetic.jpeg_quality=0"),
+                         ({"image_format": "jpg", "jpeg_quality": "high"}, "synthetic.jpeg_quality='high'")]:
+        with pytest.raises(SettingError, match=message):
+            check_settings(generator, {**synthetic, **bad})
+    with pytest.raises(SettingError, match="generator.negative_prompt=5"):
+        check_settings({**generator, "negative_prompt": 5}, synthetic)
