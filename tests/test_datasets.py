@@ -143,6 +143,7 @@ def test_cityscapes_missing_folder_is_named_before_the_run_writes(make_cfg, tmp_
     assert not (tmp_path / "run" / "stages.json").exists()
 
 
+@pytest.mark.slow  # 17 s alone, 31 s on the shared 2 cores
 def test_cityscapes_deeplab_chain_captions_frames_and_prompts_road(make_cfg, cityscapes, tmp_path):
     from dsdiff.testing.tiny_blip import save_tiny_blip
     from dsdiff.testing.tiny_sd import save_tiny_pipeline
@@ -286,3 +287,28 @@ def test_prompts_command_reads_cityscapes_and_folder_labels(cityscapes, folder, 
     records = read_jsonl(main(["--dataset", "folder", "--root", str(folder["root"]), "--out", str(tmp_path / "f.jsonl")]))
     assert {r.image_id: r.class_ids for r in records} == {n: v for n, v in folder["labels"].items()
                                                            if n in folder["splits"]["train"] and v}
+
+
+@pytest.mark.slow
+def test_folder_deeplab_chain_prompts_its_classes_and_tests_on_its_val_split(make_cfg, tmp_path):
+    from dsdiff.testing.tiny_blip import save_tiny_blip
+    from dsdiff.testing.tiny_sd import save_tiny_pipeline
+    from dsdiff.train import train
+
+    data = write_image_folder(tmp_path / "mine", n_images=8, split_files=False)  # the split by name: 7 train, 1 val
+    sd, blip = save_tiny_pipeline(tmp_path / "sd"), save_tiny_blip(tmp_path / "blip")
+    syn = tmp_path / "syn"
+    cfg = make_cfg(["+experiment=folder_deeplab", "debug=fast", f"paths.folder={data['root']}", f"paths.data_dir={tmp_path / 'data'}",
+                    f"generator.model={sd}", f"prompts.captioner={blip}", f"synthetic.dir={syn}", "synthetic.num_images=4",
+                    "generator.batch_size=2", "synthetic.filters.drop_empty=false", "trainer.max_steps=2",
+                    "trainer.val_check_interval=1"], output_dir=tmp_path / "run")
+    train(cfg)
+    samples = [json.loads(line) for line in (syn / "manifest.jsonl").read_text().splitlines()]
+    assert len(samples) == 4
+    for s in samples:
+        assert s["class_ids"] == data["labels"][s["image_id"]] and 0 not in s["class_ids"]  # background is not prompted
+        assert s["prompt"].endswith("; " + " ".join(FOLDER_FIXTURE_CLASSES[c] for c in s["class_ids"]))
+    assert list((tmp_path / "data" / "prompts").glob("mine-captions-*[0-9a-f].jsonl"))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {k.split("/")[-1] for k in saved if k.startswith("test/IoU/")} == set(FOLDER_FIXTURE_CLASSES)
+    assert 0 <= saved["test/mIoU_tta"] <= 1
