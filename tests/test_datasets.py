@@ -8,7 +8,12 @@ import torch
 from PIL import Image
 
 from dsdiff.data.cityscapes import CityscapesSegmentation
-from dsdiff.data.classes import CITYSCAPES_CLASSES, IGNORE_INDEX, get_class_list, unattended_label
+from dsdiff.data.classes import (
+    CITYSCAPES_CLASSES,
+    IGNORE_INDEX,
+    get_class_list,
+    unattended_label,
+)
 from dsdiff.data.coco import COCOSegmentation
 from dsdiff.data.folder import FolderSegmentation, default_split
 from dsdiff.data.voc import VOCSegmentation
@@ -277,12 +282,12 @@ def test_folder_prompts_stage_reads_its_train_masks(make_cfg, folder, tmp_path):
 
 
 def test_prompts_command_reads_cityscapes_and_folder_labels(cityscapes, folder, tmp_path):
-    from dsdiff.prompts import main
     from dsdiff.diffusion.prompts import read_jsonl
+    from dsdiff.prompts import main
 
     records = read_jsonl(main(["--dataset", "cityscapes", "--root", str(cityscapes["root"]), "--out", str(tmp_path / "cs.jsonl")]))
     first = cityscapes["splits"]["train"][0]
-    assert [(r.image_id, r.class_ids) for r in records][0] == (first, cityscapes["labels"][first])
+    assert (records[0].image_id, records[0].class_ids) == (first, cityscapes["labels"][first])
     assert records[0].prompt.startswith("a photo of a road and a sidewalk")
     records = read_jsonl(main(["--dataset", "folder", "--root", str(folder["root"]), "--out", str(tmp_path / "f.jsonl")]))
     assert {r.image_id: r.class_ids for r in records} == {n: v for n, v in folder["labels"].items()

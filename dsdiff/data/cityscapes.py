@@ -20,7 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dsdiff.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_ID_TO_TRAIN_ID, IGNORE_INDEX
+from dsdiff.data.classes import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_ID_TO_TRAIN_ID,
+    IGNORE_INDEX,
+)
 from dsdiff.data.voc import SHOW, check_labels, draw_subset, read_label_png, read_rgb
 from dsdiff.utils.errors import MissingPathError, SettingError
 
@@ -83,7 +87,7 @@ def read_split_file(path: Path, frames: dict[str, str]) -> list[str]:
     for line in path.read_text().splitlines():
         if line.strip():
             name = Path(line.split()[0]).name
-            names.append(name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else name)
+            names.append(name.removesuffix(IMAGE_SUFFIX))
     if not names:
         raise SettingError(f"split file {path} lists no frames; expected one frame id (aachen_000000_000019) per line")
     unknown = [n for n in names if n not in frames]
@@ -120,7 +124,7 @@ class CityscapesSegmentation(Dataset):
                                        f"(one per line), or one of {SPLITS[:2]}")
             split = "train"
         self.split = split
-        frames = dict((frame, city) for city, frame in list_split(self.root, split))
+        frames = {frame: city for city, frame in list_split(self.root, split)}
         ids = read_split_file(listed, frames) if listed is not None else list(frames)
         self.ids = draw_subset(ids, subset, subset_seed)
         self.cities = {name: frames[name] for name in self.ids}

@@ -24,7 +24,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from dsdiff.data.classes import IGNORE_INDEX, class_words, first_prompt_class, unattended_label
+from dsdiff.data.classes import (
+    IGNORE_INDEX,
+    class_words,
+    first_prompt_class,
+    unattended_label,
+)
 from dsdiff.diffusion.attention import (
     AttentionStore,
     RecordingAttnProcessor,
