@@ -311,7 +311,7 @@ def test_resize_relative_to_a_scale_gives_a_voc_image_mmsegs_size():
     assert random_resize_size(100, 3000, 1.0, (2048, 512)) == (68, 2048)  # the long side bounds a panorama
     # through the transform: with the ratio at 1 the resized image is 512x683 (the rest of the crop is padding)
     image, mask = halves(375, 500)
-    x, y = TrainTransform(1024, scale_range=(1.0, 1.0), scale=(2048, 512), photometric=False, hflip=False)(image, mask)
+    _, y = TrainTransform(1024, scale_range=(1.0, 1.0), scale=(2048, 512), photometric=False, hflip=False)(image, mask)
     kept = (y != IGNORE_INDEX).nonzero()
     assert kept[:, 0].max().item() + 1 == 512 and kept[:, 1].max().item() + 1 == 683
     with pytest.raises(ValueError, match="data.train_transform.scale"):

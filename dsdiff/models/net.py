@@ -27,7 +27,10 @@ class ASPPHead(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, dilations: tuple[int, ...] = (1, 12, 24, 36)):
         super().__init__()
-        from segmentation_models_pytorch.decoders.deeplabv3.decoder import ASPPConv, ASPPPooling
+        from segmentation_models_pytorch.decoders.deeplabv3.decoder import (
+            ASPPConv,
+            ASPPPooling,
+        )
 
         branches = [ASPPPooling(in_channels, channels)]
         branches += [conv_bn_relu(in_channels, channels, 1) if d == 1 else ASPPConv(in_channels, channels, d) for d in dilations]
