@@ -34,6 +34,9 @@ def uncertainty_aware_ce(logits: torch.Tensor, target: torch.Tensor, ignore_inde
 class Segmenter(L.LightningModule):
     """Trains a ``SegmentationNet``; logs ``tune/mIoU``, ``tune/IoU/<class>``, ``test/mIoU(_tta)``.
 
+    A net with a ``training_loss`` (``Mask2FormerNet``) trains with it instead of the cross-entropy,
+    and one with ``param_groups`` gives the optimizer its own parameter groups.
+
     Validation runs on the tune split (never the test split); ``tune_step`` is the global step of
     the last tune/mIoU logged, so a caller can tell whether it measured the final weights.
     """
@@ -97,6 +100,11 @@ class Segmenter(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"]
+        if hasattr(self.net, "training_loss"):  # a query-based net (Mask2Former): its own ignore-aware set loss
+            losses = self.net.training_loss(images, masks, self.hparams.ignore_index)
+            for name, value in losses.items():
+                self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=len(images))
+            return losses["loss"]
         out, aux = self.net.forward_train(images)
         loss_main = uncertainty_aware_ce(out, masks, self.hparams.ignore_index)
         loss = loss_main
@@ -144,7 +152,9 @@ class Segmenter(L.LightningModule):
 
     def configure_optimizers(self):
         base_lr = self.optimizer_factory.keywords["lr"]
-        if hasattr(self.net, "backbone_parameters"):  # pretrained backbone: smaller lr
+        if hasattr(self.net, "param_groups"):  # the net's own groups (Mask2Former: no decay on norms, embeddings)
+            groups = self.net.param_groups(base_lr, self.hparams.backbone_lr_mult)
+        elif hasattr(self.net, "backbone_parameters"):  # pretrained backbone: smaller lr
             groups = [
                 {"params": self.net.backbone_parameters(), "lr": base_lr * self.hparams.backbone_lr_mult},
                 {"params": self.net.head_parameters(), "lr": base_lr},
