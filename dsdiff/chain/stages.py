@@ -19,11 +19,7 @@ labelled split disjoint from the test split, and the test split is used once, by
 ``ckpt: last``), the final stage's ``tune/mIoU`` (the sweep objective) and every fitted stage's
 metrics under ``<stage>/``; a resumed chain merges into it.
 
-Disk: every stage keeps its ``last.ckpt`` (EMA and raw weights and the optimizer state, so an
-interrupted stage resumes exactly). With ``prune_checkpoints=true`` a run whose test metrics are
-written keeps only what a finished run needs (:func:`prune_finished_run`): the earlier stages'
-checkpoints are deleted and the final one keeps its weights alone (what evaluate, pseudo-labels and
-``selftrain.init=teacher`` read); recorded under ``"pruned"`` in stages.json.
+Disk: each stage keeps its ``last.ckpt``; ``prune_checkpoints=true`` trims a finished run (:func:`prune_finished_run`).
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ Lightning's per-worker seeding make a run reproducible.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
@@ -13,6 +15,20 @@ from torchvision.transforms.v2 import functional as F
 
 from dsdiff.data.classes import IGNORE_INDEX
 from dsdiff.utils.errors import SettingError
+
+
+def keep_ratio_size(height: int, width: int, scale: Sequence[int] | None) -> tuple[int, int]:
+    """mmseg's keep-ratio ``Resize(scale=(long, short))``: the (H, W) an image is resized to for inference.
+
+    factor = min(long / max(H, W), short / min(H, W)); sides ``int(side * factor + 0.5)``. A
+    500x375 VOC image in (2048, 512) becomes 683x512. ``scale=None`` keeps (H, W).
+    """
+    if scale is None:
+        return height, width
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -110,12 +126,11 @@ def random_resize_size(height: int, width: int, ratio: float, scale: tuple[int, 
     ``scale=None``: relative to the image's own size, ``(round(H * ratio), round(W * ratio))``.
     ``scale=(long, short)``: mmseg's ``RandomResize(scale, ratio_range, keep_ratio=True)``: the target
     scale is ``(int(long * ratio), int(short * ratio))`` and the image is rescaled, keeping its ratio,
-    to fit in it (:func:`dsdiff.models.tta.keep_ratio_size`). A 500x375 VOC image at ratio 1 in (2048, 512)
+    to fit in it (:func:`keep_ratio_size`). A 500x375 VOC image at ratio 1 in (2048, 512)
     becomes 683x512; a 512x512 image gets the same size either way (to within a pixel's rounding).
     """
     if scale is None:
         return max(1, round(height * ratio)), max(1, round(width * ratio))
-    from dsdiff.models.tta import keep_ratio_size
 
     return keep_ratio_size(height, width, (int(max(scale) * ratio), int(min(scale) * ratio)))
 

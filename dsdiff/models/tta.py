@@ -7,21 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from dsdiff.utils.errors import SettingError
+from dsdiff.data.transforms import keep_ratio_size  # noqa: F401  (mmseg's keep-ratio resize; re-exported)
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-
-def keep_ratio_size(height: int, width: int, scale: Sequence[int] | None) -> tuple[int, int]:
-    """mmseg's keep-ratio ``Resize(scale=(long, short))``: the (H, W) an image is resized to for inference.
-
-    factor = min(long / max(H, W), short / min(H, W)); sides ``int(side * factor + 0.5)``. A
-    500x375 VOC image in (2048, 512) becomes 683x512. ``scale=None`` keeps (H, W).
-    """
-    if scale is None:
-        return height, width
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def tta_logits(
