@@ -18,14 +18,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from dsdiff.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_ID_TO_TRAIN_ID,
     IGNORE_INDEX,
 )
-from dsdiff.data.voc import SHOW, check_labels, draw_subset, read_label_png, read_rgb
+from dsdiff.data.voc import (
+    SHOW,
+    ListedMasks,
+    check_labels,
+    draw_subset,
+    read_label_png,
+)
 from dsdiff.utils.errors import MissingPathError, SettingError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -98,7 +103,7 @@ def read_split_file(path: Path, frames: dict[str, str]) -> list[str]:
     return names
 
 
-class CityscapesSegmentation(Dataset):
+class CityscapesSegmentation(ListedMasks):
     """Cityscapes fine annotations: ``{"image", "mask", "name"}`` per frame, 19 classes (train ids).
 
     ``name`` is the frame id (``aachen_000000_000019``); ``mask`` holds train ids 0..18 and 255 for
@@ -153,8 +158,7 @@ class CityscapesSegmentation(Dataset):
                 "gtFine_trainvaltest.zip next to leftImg8bit/")
         return out
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    first_label = 0  # road, train id 0, is a class here (image_labels)
 
     def image_path(self, name: str) -> Path:
         return self.root / "leftImg8bit" / self.split / self.cities[name] / (name + IMAGE_SUFFIX)
@@ -170,24 +174,3 @@ class CityscapesSegmentation(Dataset):
             return to_train_ids(mask)
         check_labels(mask, self.num_classes, path)
         return mask
-
-    def __getitem__(self, index: int) -> dict:
-        name = self.ids[index]
-        image = read_rgb(self.image_path(name))
-        mask = torch.from_numpy(self.read_mask(name))
-        if mask.shape != image.shape[1:]:
-            raise SettingError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
-                               f"{self.image_path(name)} is {tuple(image.shape[1:])}; expected equal sizes")
-        if self.transform is None:
-            return {"image": image, "mask": mask.long(), "name": name}
-        image, mask = self.transform(image, mask)
-        return {"image": image, "mask": mask, "name": name}
-
-    def image_labels(self) -> dict[str, list[int]]:
-        """Frame id -> sorted train ids present in its mask (255 left out; road 0 is a class here)."""
-        if self._labels is None:
-            self._labels = {}
-            for name in self.ids:
-                counts = np.bincount(self.read_mask(name).ravel(), minlength=256)
-                self._labels[name] = [c for c in range(self.num_classes) if counts[c]]
-        return dict(self._labels)

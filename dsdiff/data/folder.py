@@ -23,10 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from dsdiff.data.classes import IGNORE_INDEX, first_prompt_class, read_class_file
-from dsdiff.data.voc import SHOW, check_labels, draw_subset, read_label_png, read_rgb
+from dsdiff.data.classes import first_prompt_class, read_class_file
+from dsdiff.data.voc import (
+    SHOW,
+    ListedMasks,
+    check_labels,
+    draw_subset,
+    read_label_png,
+)
 from dsdiff.utils.errors import MissingPathError, SettingError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -83,7 +88,7 @@ def read_split(path: Path) -> list[str]:
     return names
 
 
-class FolderSegmentation(Dataset):
+class FolderSegmentation(ListedMasks):
     """A folder of images, index masks and ``classes.txt``: ``{"image", "mask", "name"}`` per image.
 
     ``split`` is ``train``/``val`` (``splits/<split>.txt`` when present, else :func:`default_split`),
@@ -148,8 +153,10 @@ class FolderSegmentation(Dataset):
                 f"({', '.join(missing[:SHOW])}{', ...' if len(missing) > SHOW else ''}): add them, or remove "
                 "those names from the split file")
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    @property
+    def first_label(self) -> int:
+        """A leading ``background`` class is never an image's label; any other class 0 is (image_labels)."""
+        return first_prompt_class(self.classes)
 
     def image_path(self, name: str) -> Path:
         return self.image_dir / self.files[name]
@@ -163,25 +170,3 @@ class FolderSegmentation(Dataset):
         mask = read_label_png(path)
         check_labels(mask, self.num_classes, path)
         return mask
-
-    def __getitem__(self, index: int) -> dict:
-        name = self.ids[index]
-        image = read_rgb(self.image_path(name))
-        mask = torch.from_numpy(self.read_mask(name))
-        if mask.shape != image.shape[1:]:
-            raise SettingError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
-                               f"{self.image_path(name)} is {tuple(image.shape[1:])}; expected equal sizes")
-        if self.transform is None:
-            return {"image": image, "mask": mask.long(), "name": name}
-        image, mask = self.transform(image, mask)
-        return {"image": image, "mask": mask, "name": name}
-
-    def image_labels(self) -> dict[str, list[int]]:
-        """Image name -> sorted class indices present in its mask (a leading background and 255 left out)."""
-        if self._labels is None:
-            first = first_prompt_class(self.classes)
-            self._labels = {}
-            for name in self.ids:
-                counts = np.bincount(self.read_mask(name).ravel(), minlength=256)
-                self._labels[name] = [c for c in range(first, self.num_classes) if counts[c] and c != IGNORE_INDEX]
-        return dict(self._labels)

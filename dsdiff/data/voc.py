@@ -90,7 +90,43 @@ def read_rgb(path: Path) -> torch.Tensor:
                                "or partial file?); replace it, or remove it from the split") from e
 
 
-class VOCSegmentation(Dataset):
+class ListedMasks(Dataset):
+    """Listed images with index masks: ``{"image", "mask", "name"}`` for each id in ``self.ids``.
+
+    A subclass sets ``ids``, ``transform``, ``num_classes`` and ``_labels = None`` and defines
+    ``image_path(name)``, ``mask_path(name)`` and ``read_mask(name)`` (the validated label map).
+    ``first_label`` is the first class :meth:`image_labels` reports (VOC's background 0 is none).
+    """
+
+    first_label = 1
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.ids[index]
+        image = read_rgb(self.image_path(name))
+        mask = torch.from_numpy(self.read_mask(name))
+        if mask.shape != image.shape[1:]:
+            raise SettingError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
+                               f"{self.image_path(name)} is {tuple(image.shape[1:])}; expected equal sizes")
+        if self.transform is None:
+            return {"image": image, "mask": mask.long(), "name": name}
+        image, mask = self.transform(image, mask)
+        return {"image": image, "mask": mask, "name": name}
+
+    def image_labels(self) -> dict[str, list[int]]:
+        """Id -> sorted class indices present in its mask, from ``first_label`` on (255 left out)."""
+        if self._labels is None:
+            labels = {}
+            for name in self.ids:
+                counts = np.bincount(self.read_mask(name).ravel(), minlength=256)
+                labels[name] = [c for c in range(self.first_label, self.num_classes) if counts[c] and c != IGNORE_INDEX]
+            self._labels = labels
+        return dict(self._labels)
+
+
+class VOCSegmentation(ListedMasks):
     """PASCAL VOC 2012 segmentation: ``{"image", "mask", "name"}`` per listed image id.
 
     Without a transform, ``image`` is uint8 (3, H, W) and ``mask`` int64 (H, W) as stored;
@@ -155,9 +191,6 @@ class VOCSegmentation(Dataset):
                 f"{len(missing)} files listed by {self.split_file} are missing under {self.root} "
                 f"({shown}{', ...' if len(missing) > SHOW else ''}): add them, or remove their ids from the list")
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def image_path(self, name: str) -> Path:
         return self.root / "JPEGImages" / f"{name}.jpg"
 
@@ -170,25 +203,3 @@ class VOCSegmentation(Dataset):
         mask = read_label_png(path)
         check_labels(mask, self.num_classes, path)
         return mask
-
-    def __getitem__(self, index: int) -> dict:
-        name = self.ids[index]
-        image = read_rgb(self.image_path(name))
-        mask = torch.from_numpy(self.read_mask(name))
-        if mask.shape != image.shape[1:]:
-            raise SettingError(f"mask {self.mask_path(name)} is {tuple(mask.shape)} but image "
-                             f"{self.image_path(name)} is {tuple(image.shape[1:])}; expected equal sizes")
-        if self.transform is None:
-            return {"image": image, "mask": mask.long(), "name": name}
-        image, mask = self.transform(image, mask)
-        return {"image": image, "mask": mask, "name": name}
-
-    def image_labels(self) -> dict[str, list[int]]:
-        """Image id -> sorted class indices present in its mask (background 0 and 255 left out)."""
-        if self._labels is None:
-            labels = {}
-            for name in self.ids:
-                counts = np.bincount(self.read_mask(name).ravel(), minlength=256)
-                labels[name] = [c for c in range(1, self.num_classes) if counts[c]]
-            self._labels = labels
-        return dict(self._labels)
