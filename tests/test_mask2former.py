@@ -88,3 +88,47 @@ def test_missing_pretrained_weights_name_the_fix(monkeypatch):
     with pytest.raises(ModelLoadError, match="model.net.encoder_weights=null"):
         Mask2FormerNet(4, encoder_name="resnet18", encoder_weights="imagenet", decoder_channels=32, num_queries=4,
                        encoder_layers=1, decoder_layers=2)
+
+
+def _run_chain(make_cfg, overrides, run):
+    import json
+
+    from dsdiff.train import train
+
+    train(make_cfg(overrides, output_dir=run))
+    stages = json.loads((run / "stages.json").read_text())
+    saved = json.loads((run / "metrics.json").read_text())
+    ckpt = torch.load(run / "selftrain_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return stages, saved, ckpt
+
+
+def test_shapes_chain_trains_pseudo_labels_and_tests_a_mask2former(make_cfg, tmp_path):
+    """The whole shapes chain with model=mask2former_small: the self-training stage reads the Mask2Former
+    teacher's pseudo-labels, and the tested weights are a Mask2Former's."""
+    import numpy as np
+    from PIL import Image
+
+    run = tmp_path / "run"
+    stages, saved, ckpt = _run_chain(make_cfg, ["+experiment=shapes_deeplab", "debug=fast", "model=mask2former_small",
+                                                f"synthetic.dir={tmp_path / 'syn'}", f"paths.data_dir={tmp_path / 'data'}"], run)
+    assert {"train", "pseudo_1", "selftrain_1", "test"} <= set(stages)
+    assert 0 <= saved["test/mIoU"] <= 1 and 0 <= saved["test/mIoU_tta"] <= 1
+    assert any("transformer_module" in k or "pixel_level_module" in k for k in ckpt["state_dict"])
+    masks = sorted((run / "pseudo_1").rglob("*.png"))
+    assert masks and all(set(np.unique(np.array(Image.open(m)))) <= set(range(4)) | {255} for m in masks)
+
+
+@pytest.mark.slow  # a VOC-layout fixture and a tiny SD pipeline: about 40 s
+def test_voc_mask2former_recipe_runs_its_chain(make_cfg, voc_root, tmp_path):
+    from dsdiff.testing.tiny_sd import save_tiny_pipeline
+
+    sd = save_tiny_pipeline(tmp_path / "sd")
+    stages, saved, ckpt = _run_chain(make_cfg, [
+        "+experiment=voc_mask2former", "debug=fast", f"paths.voc={voc_root}", f"generator.model={sd}", "prompts=default",
+        f"synthetic.dir={tmp_path / 'syn'}", "synthetic.num_images=4", "generator.num_inference_steps=2", "generator.batch_size=2",
+        "synthetic.filters.drop_empty=false", "trainer.max_steps=3", "trainer.val_check_interval=2", "data.eval_scale=[128,64]",
+    ], tmp_path / "run")
+    assert {"generate", "train", "pseudo_1", "selftrain_1", "test"} <= set(stages)
+    assert 0 <= saved["test/mIoU"] <= 1 and 0 <= saved["test/mIoU_tta"] <= 1
+    assert ckpt["global_step"] == 3
+    assert any("pixel_level_module" in k for k in ckpt["state_dict"])
