@@ -38,7 +38,7 @@ from dsdiff.models.checkpoint import is_pruned
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.spec import check_settings
 from dsdiff.utils.config import to_plain
-from dsdiff.utils.errors import SettingError, exits_cleanly
+from dsdiff.utils.errors import SettingError, exits_cleanly, find_config_error
 
 log = logging.getLogger("dsdiff")
 
@@ -50,11 +50,31 @@ def check_config(cfg: DictConfig) -> None:
     check_devices(cfg.trainer)
     check_batch(cfg)  # data.batch_size is the global batch: it must divide over the processes
     check_roots(cfg.data)
+    check_model(cfg.model)
     if trains_on_synthetic(cfg) and cfg.get("train"):
         generator = to_plain(cfg.generator)
         check_settings(generator, to_plain(cfg.synthetic))
         if generator.get("model"):  # a missing folder, or a hub id that cannot be had now: at once
             generator_source(generator["model"])
+
+
+def check_model(model: DictConfig) -> None:
+    """Build the segmenter on the meta device (no memory, no download: ``encoder_weights`` left out), so a
+    wrong ``model.*`` setting stops the run before generation, not hours later when training starts."""
+    import torch
+
+    shape = model.copy()
+    if "encoder_weights" in shape.get("net", {}):
+        with open_dict(shape):
+            shape.net.encoder_weights = None  # whether the weights can be had is checked when they are loaded
+    try:
+        with torch.device("meta"):
+            hydra.utils.instantiate(shape)
+    except Exception as err:  # Hydra wraps the net's SettingError in an InstantiationException
+        error = find_config_error(err)
+        if error is None:
+            raise
+        raise error from None
 
 
 def check_values(cfg: DictConfig) -> None:

@@ -132,3 +132,27 @@ def test_voc_mask2former_recipe_runs_its_chain(make_cfg, voc_root, tmp_path):
     assert 0 <= saved["test/mIoU"] <= 1 and 0 <= saved["test/mIoU_tta"] <= 1
     assert ckpt["global_step"] == 3
     assert any("pixel_level_module" in k for k in ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("override", ["model.net.num_queries=0", "model.net.train_num_points=0",
+                                      "model.net.importance_sample_ratio=2", "model.net.decoder_channels=48"])
+def test_a_bad_mask2former_setting_stops_the_run_before_generation(make_cfg, tmp_path, override):
+    from dsdiff.train import train
+    from dsdiff.utils.errors import SettingError
+
+    cfg = make_cfg(["+experiment=shapes_deeplab", "debug=fast", "model=mask2former_small", override,
+                    f"synthetic.dir={tmp_path / 'syn'}", f"paths.data_dir={tmp_path / 'data'}"], output_dir=tmp_path / "run")
+    with pytest.raises(SettingError, match=override.split("=")[0]):
+        train(cfg)
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "run" / "stages.json").exists()
+
+
+def test_a_bad_deeplab_head_setting_stops_the_run_before_generation(make_cfg, tmp_path):
+    from dsdiff.train import train
+    from dsdiff.utils.errors import SettingError
+
+    cfg = make_cfg(["+experiment=shapes_deeplab", "debug=fast", "model.net.head=aspp", f"synthetic.dir={tmp_path / 'syn'}"],
+                   output_dir=tmp_path / "run")
+    with pytest.raises(SettingError, match="model.net.head='aspp'"):
+        train(cfg)
+    assert not (tmp_path / "syn").exists()

@@ -227,6 +227,18 @@ class Mask2FormerNet(nn.Module):
         super().__init__()
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, TimmBackboneConfig
 
+        for name, value, low in (("num_queries", num_queries, 1), ("encoder_layers", encoder_layers, 1),
+                                 ("num_heads", num_heads, 1), ("train_num_points", train_num_points, 1)):
+            if not isinstance(value, int) or value < low:
+                raise SettingError(f"model.net.{name}={value!r}: a whole number >= {low} (conf/model/mask2former.yaml holds the R50 recipe's values)")
+        for name, value in (("class_weight", class_weight), ("mask_weight", mask_weight), ("dice_weight", dice_weight),
+                            ("no_object_weight", no_object_weight)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise SettingError(f"model.net.{name}={value!r}: a loss weight >= 0")
+        if not isinstance(oversample_ratio, (int, float)) or oversample_ratio < 1:
+            raise SettingError(f"model.net.oversample_ratio={oversample_ratio!r}: >= 1 (candidates per sampled point; the recipe: 3)")
+        if not isinstance(importance_sample_ratio, (int, float)) or not 0 <= importance_sample_ratio <= 1:
+            raise SettingError(f"model.net.importance_sample_ratio={importance_sample_ratio!r}: a share in [0, 1] (the recipe: 0.75)")
         if not encoder_name.startswith("resnet"):
             raise SettingError(f"model.net.encoder_name={encoder_name!r}: Mask2Former here takes a timm ResNet "
                                "(resnet18, resnet50, resnet101, ...)")
