@@ -2,19 +2,15 @@
 
 :class:`Mask2FormerNet` has the interface of :class:`dsdiff.models.net.SegmentationNet`, so the
 Segmenter's inference (padding, eval scale, TTA, sliding window) and the pseudo-labeller use it
-unchanged: ``forward(x)`` maps (B, 3, H, W) to (B, C, H, W) *log* semantic scores. The semantic
-score of class c is mmseg's / transformers' ``einsum(softmax(class)[..., :-1], sigmoid(masks))``
-(the mask logits upsampled to the input first, as mmseg does); its log is returned so that a
-softmax over classes, which the pseudo-labeller reads as confidence, is the normalised score
-``s_c / sum_k s_k``, and the argmax is the score's.
+unchanged: ``forward(x)`` maps (B, 3, H, W) to (B, C, H, W) *log* semantic scores, the log of
+mmseg's / transformers' ``einsum(softmax(class)[..., :-1], sigmoid(masks))`` (mask logits upsampled
+first), so a softmax over classes is the normalised score ``s_c / sum_k s_k``.
 
-Training is semantic: each label map becomes one binary mask per class present among its certain
-pixels, matched to the queries by the Hungarian matcher, with transformers' class, mask (sigmoid
-BCE) and dice losses. Uncertain pixels (255) give no gradient: the matcher's and the mask losses'
-points are drawn from certain pixels only (importance sampling included), and a class seen only in
-the uncertain band is no target. The loss is computed here (:class:`IgnoreAwareMask2FormerLoss`,
-transformers' ``Mask2FormerLoss`` with its own point sampling) because transformers' samples points
-anywhere in the image.
+Training is semantic: one binary mask per class present among a label map's certain pixels,
+Hungarian-matched to the queries, with transformers' class, mask (BCE) and dice losses. Uncertain
+pixels (255) give no gradient: every point of the matcher and the mask losses is a certain pixel,
+and a class seen only in the uncertain band is no target (:class:`IgnoreAwareMask2FormerLoss`;
+transformers' own loss samples points anywhere in the image).
 """
 from __future__ import annotations
 
@@ -25,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.utils.config import check_number
 from dsdiff.utils.errors import ModelLoadError, SettingError
 
 log = logging.getLogger("dsdiff")
@@ -49,6 +46,13 @@ def semantic_targets(label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> t
     """One (H, W) label map -> (classes (n,), binary masks (n, H, W)) of the classes among its certain pixels."""
     classes = torch.unique(label[label != ignore_index])
     return classes, (label[None] == classes[:, None, None]).float()
+
+
+# the net's numeric settings: (lowest, highest or None, whole number)
+_NUMBERS = {"num_queries": (1, None, True), "encoder_layers": (1, None, True), "num_heads": (1, None, True),
+            "train_num_points": (1, None, True), "class_weight": (0, None, False), "mask_weight": (0, None, False),
+            "dice_weight": (0, None, False), "no_object_weight": (0, None, False), "oversample_ratio": (1, None, False),
+            "importance_sample_ratio": (0, 1, False)}
 
 
 class IgnoreAwareMask2FormerLoss(nn.Module):
@@ -227,18 +231,8 @@ class Mask2FormerNet(nn.Module):
         super().__init__()
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, TimmBackboneConfig
 
-        for name, value, low in (("num_queries", num_queries, 1), ("encoder_layers", encoder_layers, 1),
-                                 ("num_heads", num_heads, 1), ("train_num_points", train_num_points, 1)):
-            if not isinstance(value, int) or value < low:
-                raise SettingError(f"model.net.{name}={value!r}: a whole number >= {low} (conf/model/mask2former.yaml holds the R50 recipe's values)")
-        for name, value in (("class_weight", class_weight), ("mask_weight", mask_weight), ("dice_weight", dice_weight),
-                            ("no_object_weight", no_object_weight)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise SettingError(f"model.net.{name}={value!r}: a loss weight >= 0")
-        if not isinstance(oversample_ratio, (int, float)) or oversample_ratio < 1:
-            raise SettingError(f"model.net.oversample_ratio={oversample_ratio!r}: >= 1 (candidates per sampled point; the recipe: 3)")
-        if not isinstance(importance_sample_ratio, (int, float)) or not 0 <= importance_sample_ratio <= 1:
-            raise SettingError(f"model.net.importance_sample_ratio={importance_sample_ratio!r}: a share in [0, 1] (the recipe: 0.75)")
+        for name, value in [(k, v) for k, v in locals().items() if k in _NUMBERS]:
+            check_number(f"model.net.{name}", value, *_NUMBERS[name], hint=" (conf/model/mask2former.yaml: the R50 recipe's)")
         if not encoder_name.startswith("resnet"):
             raise SettingError(f"model.net.encoder_name={encoder_name!r}: Mask2Former here takes a timm ResNet "
                                "(resnet18, resnet50, resnet101, ...)")

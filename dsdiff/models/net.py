@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsdiff.utils.config import check_number
 from dsdiff.utils.errors import ModelLoadError, SettingError
 
 ARCHS = ("deeplabv3", "deeplabv3plus")
@@ -110,8 +111,7 @@ class SegmentationNet(nn.Module):
         if head == "mmseg" and arch != "deeplabv3":
             raise SettingError(f"model.net.head=mmseg is mmseg's DeepLabV3 ASPPHead; arch={arch!r} takes head=smp")
         for name, value in (("decoder_channels", decoder_channels), ("aux_channels", aux_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise SettingError(f"model.net.{name}={value!r}: a whole number of channels >= 1 (the recipe: 512 for head=mmseg)")
+            check_number(f"model.net.{name}", value, 1, whole=True, hint=" (channels; the recipe: 512 for head=mmseg)")
         if decoder_dropout is not None and not 0 <= decoder_dropout < 1:
             raise SettingError(f"model.net.decoder_dropout={decoder_dropout}: a probability in [0, 1), or null for the head's default")
         self.num_classes = num_classes
