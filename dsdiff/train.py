@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, open_dict
 
 from dsdiff.chain.config import check_devices, checks_experiment, config_dir
+from dsdiff.chain.debug import log_debug_overrides
 from dsdiff.chain.parallel import check_batch, log_batch, trainer_overrides
 from dsdiff.chain.runs import open_run
 from dsdiff.chain.runtime import (
@@ -31,6 +32,7 @@ from dsdiff.chain.runtime import (
 )
 from dsdiff.chain.selftrain import INITS, MODES
 from dsdiff.chain.stages import ChainSettings, Factories, SelfTraining, run_chain
+from dsdiff.chain.sweeps import check_search
 from dsdiff.data.datamodule import check_roots
 from dsdiff.diffusion.pipeline import generator_source
 from dsdiff.generate import generate
@@ -38,7 +40,12 @@ from dsdiff.models.checkpoint import is_pruned
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.spec import check_settings
 from dsdiff.utils.config import to_plain
-from dsdiff.utils.errors import SettingError, exits_cleanly, find_config_error
+from dsdiff.utils.errors import (
+    MissingPathError,
+    SettingError,
+    exits_cleanly,
+    find_config_error,
+)
 
 log = logging.getLogger("dsdiff")
 
@@ -47,6 +54,7 @@ def check_config(cfg: DictConfig) -> None:
     """Fail early, before any data or weights are loaded and before the run writes a file, on settings
     that cannot work: values, the dataset folders, and (for a synthetic chain) the generation settings."""
     check_values(cfg)
+    check_search(trains_on_synthetic(cfg))  # a sweep samples only knobs this run uses
     check_devices(cfg.trainer)
     check_batch(cfg)  # data.batch_size is the global batch: it must divide over the processes
     check_roots(cfg.data)
@@ -109,6 +117,9 @@ def check_values(cfg: DictConfig) -> None:
         log.warning("prune_checkpoints=true with test=false: checkpoints are pruned only once a run's test metrics "
                     "are written, so this invocation keeps them all")
     ckpt = cfg.get("ckpt_path")
+    if ckpt and not Path(ckpt).expanduser().is_file():
+        raise MissingPathError(f"ckpt_path={ckpt}: no checkpoint there: pass an existing file (e.g. <run dir>/"
+                               "checkpoints/last.ckpt), or leave ckpt_path out")
     if cfg.get("train") and ckpt and Path(ckpt).is_file() and is_pruned(ckpt):
         raise SettingError(f"ckpt_path={ckpt} holds final weights only (prune_checkpoints=true dropped its optimizer "
                          "state), so training cannot resume from it: evaluate it (python -m dsdiff.evaluate "
@@ -172,6 +183,7 @@ def factories(cfg: DictConfig, work: Path) -> Factories:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run (or resume) the chain; returns (metrics, objects) and writes <run dir>/metrics.json."""
+    log_debug_overrides(cfg)  # a debug config that replaces a knob the user passed says so
     check_config(cfg)
     log_batch(cfg)
     if cfg.get("seed") is not None:

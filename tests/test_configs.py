@@ -30,7 +30,7 @@ def _listed(text: str) -> dict[str, list[str]]:
 def test_help_lists_only_what_each_command_takes():
     train = _listed(help_groups("train", "tune/mIoU"))
     assert sorted(train["experiment"]) == sorted(EXPERIMENTS) and "shapes_t2i" not in train["experiment"]
-    assert train["hparams_search"] == ["voc_optuna"] and "shapes_t2i" not in train and "score" not in train
+    assert train["hparams_search"] == ["real_optuna", "shapes_optuna", "voc_optuna"] and "shapes_t2i" not in train and "score" not in train
     pretrain = _listed(help_groups("pretrain"))
     assert sorted(pretrain["experiment"]) == sorted(PRETRAIN_EXPERIMENTS) and "data" not in pretrain
     score = _listed(help_groups("score_labels", "labels/objective"))

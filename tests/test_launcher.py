@@ -12,12 +12,11 @@ pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 def test_two_trial_shapes_sweep_runs_as_submitit_jobs_and_returns_each_final_tune_miou(tmp_path):
     sweep = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "dsdiff.train", "-m", "+experiment=shapes_deeplab", "hparams_search=voc_optuna",
+    cmd = [sys.executable, "-m", "dsdiff.train", "-m", "+experiment=shapes_deeplab", "hparams_search=shapes_optuna",
            "hydra/launcher=local", "debug=fast", "hydra.sweeper.n_trials=2",
-           # the shapes model's attention grids are 16 and 8 (not Stable Diffusion's 32/64)
            'hydra.sweeper.params={model.optimizer.lr:"choice(1e-3,2e-3)",generator.labels.cross_res:"choice(16)",'
            'generator.labels.self_res:"choice(16)"}',
-           f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"]
+           f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -135,6 +135,24 @@ class Stages:
         run[key] = [*run.get(key, []), info]
         self._save()
 
+    def tested(self, ckpt: str | Path | None) -> bool:
+        """Whether an earlier run's test stage already tested ``ckpt`` with the same settings (the run's identity
+        digest, which holds every test setting); logs the reason when it did not, so a rerun of the test says why."""
+        done, digest = self.get("test"), (self.run or {}).get("digest")
+        if not done or not done.get("metrics"):
+            return False
+        if str(done.get("checkpoint")) != str(ckpt):
+            log.info("stage test: testing again: the earlier test was of %s, the final weights now are %s",
+                     done.get("checkpoint"), ckpt)
+            return False
+        if done.get("digest") is None or done.get("digest") != digest:
+            why = "it recorded no settings (an older dsdiff)" if done.get("digest") is None else "the settings changed since"
+            log.info("stage test: testing %s again: %s", ckpt, why)
+            return False
+        log.info("stage test: done in an earlier run (%s, same settings): metrics kept; delete the \"test\" entry of "
+                 "stages.json to test again", ckpt)
+        return True
+
     def _save(self) -> None:
         if rank_zero_only.rank == 0:
             write_json_atomic(self.path, self.data)
@@ -283,3 +301,4 @@ def merge_metrics(work: Path, stages: Stages, new: Mapping[str, Any]) -> dict[st
     merged.update((stages.get("test") or {}).get("metrics") or {})
     merged.update(new)
     return merged
+

@@ -8,8 +8,8 @@ With a synthetic training set (:attr:`ChainSettings.synthetic`) the stages are::
     selftrain_<r> <run>/selftrain_<r>/checkpoints: a new segmenter on them, r = 1..selftrain.rounds
     test          the final model on the real test split (VOC/COCO: val), plain and with TTA
 
-With real labels only ``train`` and ``test`` run. The run record (:class:`dsdiff.chain.runs.Stages`,
-``<run>/stages.json``) holds each finished stage; a resumed chain skips them and resumes an
+With real labels only ``train`` and ``test`` run. The run record (``<run>/stages.json``) holds each finished
+stage; a resumed chain skips them (``test`` too, for the same weights and settings) and resumes an
 interrupted training stage from its ``last.ckpt``.
 
 Protocol: every stage ends with its final weights in ``checkpoints/last.ckpt`` (EMA), and those
@@ -17,9 +17,8 @@ pseudo-label and are tested; nothing is chosen by a metric. Validation runs on t
 labelled split disjoint from the test split, and the test split is used once, by ``test``.
 ``<run>/metrics.json`` holds ``test/mIoU``, ``test/mIoU_tta``, the tested file (``ckpt_path``,
 ``ckpt: last``), the final stage's ``tune/mIoU`` (the sweep objective) and every fitted stage's
-metrics under ``<stage>/``; a resumed chain merges into it.
-
-Disk: each stage keeps its ``last.ckpt``; ``prune_checkpoints=true`` trims a finished run (:func:`prune_finished_run`).
+metrics under ``<stage>/``; a resumed chain merges into it. Disk: each stage keeps its ``last.ckpt``;
+``prune_checkpoints=true`` trims a finished run (:func:`prune_finished_run`).
 """
 from __future__ import annotations
 
@@ -333,18 +332,18 @@ def _run(settings: ChainSettings, make: Factories, work: Path, stages: Stages, l
     result = ChainResult({}, *((last.model, last.datamodule, last.trainer) if last else ()))
     if settings.test:
         ckpt = checkpoint if settings.train else (settings.ckpt_path or final_checkpoint(stages))
+        if last is None and stages.tested(ckpt):
+            return result  # merge_metrics keeps the recorded test metrics
         if last is None:  # nothing trained in this invocation: the test stage's own objects
             opened = loggers.open("test" if settings.synthetic else None)
             datamodule = make.datamodule()
             model = make.model()
             result = ChainResult({}, model, datamodule, make.trainer(work, opened, []))
-        if ckpt:
-            log.info("stage test: the final weights of %s", ckpt)
-            result.metrics["ckpt_path"] = str(ckpt)
-        else:
-            log.info("stage test: the final weights in memory (no checkpoint was saved)")
+        log.info("stage test: the final weights %s", f"of {ckpt}" if ckpt else "in memory (no checkpoint was saved)")
+        result.metrics.update({"ckpt_path": str(ckpt)} if ckpt else {})
         result.metrics["ckpt"] = "last" if settings.train else "given"
-        tested = test_stage(result.model, result.datamodule, result.trainer, ckpt)
+        tested, digest = test_stage(result.model, result.datamodule, result.trainer, ckpt), (stages.run or {}).get("digest")
         result.metrics.update(tested)
-        stages.mark("test", {"checkpoint": ckpt, "ckpt": result.metrics["ckpt"], "metrics": tested})
+        stages.mark("test", {"checkpoint": ckpt, "ckpt": result.metrics["ckpt"], "metrics": tested, "digest": digest})
     return result
+

@@ -98,6 +98,9 @@ def exits_cleanly(func: F) -> F:
             if error is None or _wants_traceback(args):
                 raise
             report(error)
+            from dsdiff.utils.rundir import discard_unstarted_run
+
+            discard_unstarted_run(args[0] if args else None)  # a run that failed its checks leaves no run dir
             raise SystemExit(EXIT_CODE) from None
 
     return wrapper  # type: ignore[return-value]
