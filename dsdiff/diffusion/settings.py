@@ -46,8 +46,9 @@ class LabelSettings:
     class_prompt: bool = True
 
     def __post_init__(self) -> None:
-        window = tuple(self.window) if isinstance(self.window, Sequence) else ()
-        if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
+        window = tuple(self.window) if isinstance(self.window, Sequence) and not isinstance(self.window, str) else ()
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in window)
+        if len(window) != 2 or not numbers or not 0.0 <= window[0] < window[1] <= 1.0:
             raise SettingError(f"{SETTING}.window={list(self.window) if isinstance(self.window, Sequence) else self.window}: "
                              "use fractions [start, end] with 0 <= start < end <= 1 of the denoising steps")
         object.__setattr__(self, "window", window)
@@ -57,6 +58,13 @@ class LabelSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SettingError(f"{SETTING}.{name}={value!r}: an attention grid side, a whole number >= 1")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise SettingError(f"{SETTING}.{name}={value!r}: a threshold on the class maps, a number in [0, 1]")
+        if not isinstance(self.class_prompt, bool):
+            raise SettingError(f"{SETTING}.class_prompt={self.class_prompt!r}: true (maps from the class prompt) or false "
+                               "(from the caption's own class-word tokens)")
         check_thresholds(self.tau, self.alpha, self.beta)
 
     @classmethod

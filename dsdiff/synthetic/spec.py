@@ -81,6 +81,30 @@ def records_digest(records: Sequence[PromptRecord]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_sampling(generator: Mapping) -> None:
+    """Raise, naming the key, on a ``generator`` sampling value of the wrong type or out of range (null: the default)."""
+    batch_size = generator.get("batch_size")
+    if batch_size is not None and (not _whole(batch_size) or batch_size < 1):
+        raise SettingError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
+    steps = generator.get("num_inference_steps")
+    if steps is not None and (not _whole(steps) or steps < 1):
+        raise SettingError(f"generator.num_inference_steps={steps!r}: denoising steps, a whole number >= 1 "
+                           "(conf/generator/sd21.yaml: 100, shapes.yaml: 20)")
+    guidance = generator.get("guidance_scale")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0):
+        raise SettingError(f"generator.guidance_scale={guidance!r}: the classifier-free guidance scale, a number >= 0 "
+                           "(1 or less: no guidance; the paper: 7.5)")
+    for key in ("height", "width"):
+        side = generator.get(key)
+        if side is not None and (not _whole(side) or side < 1):
+            raise SettingError(f"generator.{key}={side!r}: the image side in pixels, a whole number >= 1, "
+                               "or null for the model's native size")
+
+
 def check_settings(generator: Mapping, synthetic: Mapping) -> None:
     """Raise, naming the setting, on ``generator`` / ``synthetic`` values that need no weights or files to judge."""
     export = synthetic.get("export")
@@ -91,9 +115,10 @@ def check_settings(generator: Mapping, synthetic: Mapping) -> None:
     num_images = synthetic.get("num_images")
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
         raise SettingError(f"synthetic.num_images={num_images!r}: how many samples to make, a whole number >= 1")
-    batch_size = generator.get("batch_size") or 1
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SettingError(f"generator.batch_size={batch_size!r}: prompts per forward pass, a whole number >= 1")
+    seed = synthetic.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SettingError(f"synthetic.seed={seed!r}: the first sample's seed (sample i uses seed + i), a whole number >= 0")
+    check_sampling(generator)
     check_scheduler(generator.get("scheduler"))
     negative = generator.get("negative_prompt")
     if negative is not None and (not isinstance(negative, str) or not negative.strip()):
