@@ -105,7 +105,10 @@ def check_values(cfg: DictConfig) -> None:
     if not cfg.get("train") and cfg.get("test") and not cfg.get("ckpt_path") and not cfg.get("resume"):
         raise SettingError("train=false test=true would test an untrained network: pass ckpt_path=<a checkpoint> "
                          "(e.g. <run dir>/checkpoints/last.ckpt), or resume=<run dir>")
-    if cfg.get("train") and int(cfg.data.get("batch_size", 2)) < 2:
+    batch = cfg.data.get("batch_size", 2)
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise SettingError(f"data.batch_size={batch!r}: images per training batch (all processes), a whole number >= 2")
+    if cfg.get("train") and batch < 2:
         raise SettingError(f"data.batch_size={cfg.data.batch_size}: the segmenter's BatchNorm layers need at least 2 "
                          "images per training batch; use data.batch_size=2 or more")
     prune = cfg.get("prune_checkpoints", False)

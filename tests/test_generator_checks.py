@@ -39,3 +39,12 @@ def test_corrected_rerun_succeeds(tmp_path):
     result = _generate(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "s" / "dataset.json").exists()
+
+
+def test_data_batch_size_not_a_number_names_the_key(tmp_path):
+    cmd = [sys.executable, "-m", "dsdiff.train", "+experiment=shapes_deeplab", "debug=fast", "data.batch_size=abc",
+           f"synthetic.dir={tmp_path / 's'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "dsdiff: error: data.batch_size='abc'" in result.stderr
+    assert not (tmp_path / "s").exists()
