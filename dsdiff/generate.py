@@ -24,7 +24,7 @@ from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
-from dsdiff.synthetic.store import check_output_dir
+from dsdiff.synthetic.store import check_max_dropped, check_output_dir
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import exits_cleanly
 from dsdiff.utils.io import write_json_atomic
@@ -39,6 +39,7 @@ def check_generation(cfg: DictConfig) -> list[str]:
     class_names = get_class_list(cfg.data.class_list).classes
     check_devices(cfg.trainer)
     check_settings(generator, synthetic)
+    check_max_dropped(synthetic.get("max_dropped", 0.5))
     check_output_dir(Path(synthetic["dir"]).expanduser())
     check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
     return class_names

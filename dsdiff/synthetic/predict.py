@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsdiff.diffusion.pipeline import model_identity
 from dsdiff.synthetic.export import export_folder
 from dsdiff.synthetic.spec import GenerationPlan, sample_groups, sample_id
-from dsdiff.synthetic.store import SyntheticStore, store_sample, summarize
+from dsdiff.synthetic.store import SyntheticStore, check_dropped, store_sample, summarize
 from dsdiff.utils.config import config_diff
 from dsdiff.utils.errors import WriteError
 from dsdiff.utils.io import write_json_atomic
@@ -236,6 +236,7 @@ def generate_dataset(plan: GenerationPlan, make_trainer: Callable[[list], L.Trai
     summary = {**summarize(store), "dir": str(store.root), "grid": str(grid) if grid else None}
     if summary["dropped"]:
         log.info("dropped %d samples by filter: %s (listed in %s)", summary["dropped"], summary["dropped_by_reason"], store.root / "dropped.jsonl")
+    check_dropped(store, summary, synthetic.get("max_dropped", 0.5), reset=is_zero)
     if synthetic.get("export") and is_zero:
         summary["export"] = str(export_folder(store.root, synthetic["export"]))
     return summary

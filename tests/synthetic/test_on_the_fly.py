@@ -69,7 +69,7 @@ def test_stream_and_cached_writer_store_the_same_sample_the_same_way(gen_inproc,
     from dsdiff.utils.config import to_plain
 
     cached, streamed = tmp_path / "cached", tmp_path / "streamed"
-    gen_inproc(cached, 4, "generator.batch_size=2", "synthetic.filters.drop_empty=true")
+    gen_inproc(cached, 4, "generator.batch_size=2", "synthetic.filters.drop_empty=true", "synthetic.max_dropped=1")
     cfg = gen_inproc.cfg(streamed, 4, "generator.batch_size=2", "synthetic.filters.drop_empty=true")
     synthetic = {**to_plain(cfg.synthetic), "mode": "on_the_fly", "write_through": True}
     stream = OnTheFlySynthetic(to_plain(cfg.generator), synthetic, VOC_CLASSES)
