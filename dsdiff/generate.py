@@ -24,7 +24,8 @@ from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
-from dsdiff.synthetic.store import check_max_dropped, check_output_dir
+from dsdiff.synthetic.drops import check_max_dropped
+from dsdiff.synthetic.store import check_output_dir
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import exits_cleanly
 from dsdiff.utils.io import write_json_atomic

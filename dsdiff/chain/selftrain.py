@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from dsdiff.data.classes import IGNORE_INDEX
 from dsdiff.data.transforms import EvalTransform
 from dsdiff.synthetic.dataset import SyntheticDataset
-from dsdiff.synthetic.store import SyntheticStore, summarize
+from dsdiff.synthetic.drops import summarize
+from dsdiff.synthetic.store import SyntheticStore
 from dsdiff.utils.errors import SettingError
 from dsdiff.utils.progress import LogProgress
 

@@ -30,21 +30,18 @@ from dsdiff.data.classes import (
     first_prompt_class,
     unattended_label,
 )
-from dsdiff.diffusion.attention import (
-    AttentionStore,
-    attention_layer_sizes,
-    RecordingAttnProcessor,
-    recording_processors,
-)
+from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
 from dsdiff.diffusion.masks import attention_to_labels
 from dsdiff.diffusion.pipeline import (
     check_class_names,
+    check_image_size,
     image_to_latent_factor,
     is_pixel_space,
     latent_size,
     load_pipeline,
     resolve_dtype,
     set_scheduler,
+    unet_calls,
 )
 from dsdiff.diffusion.pixels import latents_to_images
 from dsdiff.diffusion.prompts import (
@@ -98,15 +95,6 @@ class Recording:
         self.cross, self.self_attn = self.store.mean("cross"), self.store.mean("self")
 
 
-def unet_calls(scheduler, steps: int) -> int:
-    """How many UNet calls (denoising-loop iterations) ``steps`` inference steps make with ``scheduler``:
-    its ``timesteps`` after ``set_timesteps`` on a copy (DDIM, DPM-Solver, Euler: ``steps``; PNDM, as SD 2.1-base
-    ships it: ``steps + 1``)."""
-    copy = type(scheduler).from_config(scheduler.config)
-    copy.set_timesteps(steps, device="cpu")
-    return len(copy.timesteps)
-
-
 class SyntheticGenerator:
     """Generate images and pixel labels from captions with a Stable Diffusion pipeline.
 
@@ -143,29 +131,9 @@ class SyntheticGenerator:
         self._installed_for: tuple | None = None  # (latent size, a recorder's name, that recorder)
         check_class_names(pipe.tokenizer, self.class_names)  # fail now, not mid-run
         if (self.height, self.width) != (default_size, default_size):
-            self._check_size(default_size)
+            check_image_size(pipe, self.height, self.width, default_size, self.labels.cross_res, self.labels.self_res)
         self._install(latent_size(pipe, self.height, self.width))
         pipe.set_progress_bar_config(disable=True)
-
-    def _check_size(self, native: int) -> None:
-        """Raise, naming generator.height / width, on an image side whose latent has no attention layer at
-        ``labels.cross_res`` and ``labels.self_res`` (the message lists the sides that have both)."""
-        factor = image_to_latent_factor(self.pipe)
-
-        def fits(side: int) -> bool:
-            if side % factor:
-                return False
-            grids = {hw[0] for hw in attention_layer_sizes(self.pipe.unet, (side // factor, side // factor)).values()}
-            return {self.labels.cross_res, self.labels.self_res} <= grids
-
-        for key, side in (("height", self.height), ("width", self.width)):
-            if not fits(side):
-                allowed = [s for s in range(factor, 4 * native + 1, factor) if fits(s)]
-                raise SettingError(
-                    f"generator.{key}={side}: this model (native size {native}) has attention at "
-                    f"generator.labels.cross_res={self.labels.cross_res} and self_res={self.labels.self_res} only for image "
-                    f"sides {allowed[:8] or 'none up to ' + str(4 * native)}: set generator.{key} to one of them "
-                    "(or null for the native size)")
 
     @classmethod
     def from_pretrained(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dsdiff.data.classes import class_words
+from dsdiff.diffusion.attention import attention_layer_sizes
 from dsdiff.diffusion.pixels import packing_factor
 from dsdiff.diffusion.prompts import class_token_spans
 from dsdiff.utils.errors import MissingPathError, SettingError
@@ -180,3 +181,33 @@ def load_pipeline(model: str | Path, *, dtype: torch.dtype, safety_checker: bool
         return DiffusionPipeline.from_pretrained(str(model), **extra)
     except (OSError, ValueError) as e:
         raise MissingPathError(f"could not load the pipeline at {model!r}: {fix}. Cause: {e}") from e
+
+
+def unet_calls(scheduler, steps: int) -> int:
+    """How many UNet calls (denoising-loop iterations) ``steps`` inference steps make with ``scheduler``:
+    its ``timesteps`` after ``set_timesteps`` on a copy (DDIM, DPM-Solver, Euler: ``steps``; PNDM, as SD 2.1-base
+    ships it: ``steps + 1``)."""
+    copy = type(scheduler).from_config(scheduler.config)
+    copy.set_timesteps(steps, device="cpu")
+    return len(copy.timesteps)
+
+
+def check_image_size(pipe, height: int, width: int, native: int, cross_res: int, self_res: int) -> None:
+    """Raise, naming generator.height / width, on an image side whose latent has no attention layer at
+    ``cross_res`` and ``self_res`` (generator.labels); the message lists the sides that have both."""
+    factor = image_to_latent_factor(pipe)
+
+    def fits(side: int) -> bool:
+        if side % factor:
+            return False
+        grids = {hw[0] for hw in attention_layer_sizes(pipe.unet, (side // factor, side // factor)).values()}
+        return {cross_res, self_res} <= grids
+
+    for key, side in (("height", height), ("width", width)):
+        if not fits(side):
+            allowed = [s for s in range(factor, 4 * native + 1, factor) if fits(s)]
+            raise SettingError(
+                f"generator.{key}={side}: this model (native size {native}) has attention at "
+                f"generator.labels.cross_res={cross_res} and self_res={self_res} only for image "
+                f"sides {allowed[:8] or 'none up to ' + str(4 * native)}: set generator.{key} to one of them "
+                "(or null for the native size)")

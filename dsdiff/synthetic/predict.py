@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from dsdiff.diffusion.pipeline import model_identity
 from dsdiff.synthetic.export import export_folder
 from dsdiff.synthetic.spec import GenerationPlan, sample_groups, sample_id
-from dsdiff.synthetic.store import SyntheticStore, check_dropped, store_sample, summarize
+from dsdiff.synthetic.drops import check_dropped, summarize
+from dsdiff.synthetic.store import SyntheticStore, store_sample
 from dsdiff.utils.config import config_diff
 from dsdiff.utils.errors import WriteError
 from dsdiff.utils.io import write_json_atomic

@@ -197,7 +197,7 @@ def test_pndm_at_100_steps_records_all_101_unet_calls(tiny_pipeline_dir):
     records every one of them, as the original does (a window counted in steps would miss the last)."""
     from diffusers import PNDMScheduler
 
-    from dsdiff.diffusion.generator import unet_calls
+    from dsdiff.diffusion.pipeline import unet_calls
 
     gen = SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, dtype="fp32", device="cpu", num_inference_steps=100)
     gen.pipe.scheduler = PNDMScheduler.from_config(gen.pipe.scheduler.config, skip_prk_steps=True, set_alpha_to_one=False)
