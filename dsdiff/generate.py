@@ -21,6 +21,7 @@ from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.runtime import job_loggers
 from dsdiff.data.classes import get_class_list
 from dsdiff.diffusion.pipeline import check_class_names, load_tokenizer
+from dsdiff.prompting.checks import check_prompts_file
 from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
@@ -34,13 +35,16 @@ log = logging.getLogger("dsdiff")
 
 
 def check_generation(cfg: DictConfig) -> list[str]:
-    """The checks that need no weights (settings, the output folder, the tokenizer placing every class
-    name); returns the class names."""
+    """The checks that need no weights (settings, a given prompts file, the output folder, the tokenizer
+    placing every class name); returns the class names."""
     generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
     class_names = get_class_list(cfg.data.class_list).classes
     check_devices(cfg.trainer)
     check_settings(generator, synthetic)
     check_max_dropped(synthetic.get("max_dropped", 0.5))
+    if synthetic.get("prompts"):  # every record FILE:LINE, before the run writes anything
+        drop_empty = bool((synthetic.get("filters") or {}).get("drop_empty", True))
+        check_prompts_file(synthetic["prompts"], class_names, drop_empty=drop_empty)
     check_output_dir(Path(synthetic["dir"]).expanduser())
     check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
     return class_names

@@ -20,6 +20,7 @@ from dsdiff.diffusion.prompts import (
     read_jsonl,
     write_jsonl,
 )
+from dsdiff.prompting.checks import check_caption_coverage
 from dsdiff.prompting.stage import dataset_image_labels, ensure_prompts, load_tokenizer
 from dsdiff.utils.errors import ConfigError, exits_cleanly
 
@@ -98,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     else:
         image_labels = dataset_image_labels(args.dataset, args.root, args.split)
     captions = load_captions(args.captions) if args.captions else []
+    where = f"in {args.labels}" if args.labels else f"of {args.root} (split {args.split})"
+    check_caption_coverage(captions, image_labels, class_names, args.captions, where, "leave out --captions for class templates")
     records = build_records(
         image_labels, class_names, captions, template=args.template,
         append_classes=not args.no_append_classes, max_captions=args.max_captions,
@@ -132,7 +135,7 @@ def _caption_cli(args: argparse.Namespace) -> Path:
 
 
 # the prompts stage's errors name its config keys; this command takes them as flags
-FLAGS = {"prompts.captioner": "--captioner", "prompts.captions": "--captions", "prompts.source=templates": "leaving out --captioner",
+FLAGS = {"prompts.captioner": "--captioner", "prompts.captions": "--captions", "prompts.source=templates": "leave out --captioner",
          "paths.voc": "--root", "paths.coco": "--root", "prompts.split": "--split", "prompts.prefixes": "--prefixes",
          "prompts.per_image": "--max-captions"}
 

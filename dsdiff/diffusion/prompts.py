@@ -302,7 +302,10 @@ def read_jsonl(path: str | Path) -> list[PromptRecord]:
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                records.append(PromptRecord.from_dict(parse_jsonl_line(line, path, n)))
+                record = PromptRecord.from_dict(parse_jsonl_line(line, path, n))
             except (TypeError, ValueError) as e:
                 raise SettingError(str(e) if str(e).startswith(f"{path}:") else f"{path}:{n}: {e}") from e
+            if not isinstance(record.prompt, str) or not record.prompt.strip():
+                raise SettingError(f"{path}:{n}: empty prompt {record.prompt!r}: write the text to generate, or delete the line")
+            records.append(record)
     return records

@@ -25,6 +25,7 @@ from dsdiff.diffusion.prompts import (
     load_captions,
     write_jsonl,
 )
+from dsdiff.prompting.checks import check_caption_coverage
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import MissingPathError, SettingError
 from dsdiff.utils.io import write_json_atomic
@@ -149,6 +150,8 @@ def stage_inputs(settings: dict) -> dict:
     if "captions" in settings:
         inputs["captions"] = load_captions(settings["captions"]["file"])
         inputs["labels"] = dataset_image_labels(dataset, root, split)
+        check_caption_coverage(inputs["captions"], inputs["labels"], inputs["class_names"], settings["captions"]["file"],
+                               f"of {root} (split {split})", "pass prompts.source=templates for class-only prompts")
         return inputs
     labels, images = _mask_images(dataset, root, split)
     inputs["labels"] = labels
