@@ -235,7 +235,7 @@ def test_unreadable_images_name_the_file_in_every_reader(folder, cityscapes, voc
     (cs / "leftImg8bit/val/frankfurt" / f"{frame}_leftImg8bit.png").write_bytes(b"\x89PNG truncated")
     voc = shutil.copytree(voc_root, tmp_path / "voc")
     voc_id = voc_expected["splits"]["val"][0]
-    (voc / "JPEGImages" / f"{voc_id}.jpg").write_bytes(b"")
+    (voc / "JPEGImages" / f"{voc_id}.jpg").write_bytes(b"\xff\xd8 cut short")  # (a 0-byte file fails at setup)
     coco = shutil.copytree(coco_root, tmp_path / "coco")
     ds_coco = COCOSegmentation(coco, "val")
     (coco / "val2017" / ds_coco.files[0]).write_bytes(b"GIF89a")

@@ -29,6 +29,7 @@ from dsdiff.data.voc import (
     ListedMasks,
     check_labels,
     draw_subset,
+    check_not_empty,
     read_label_png,
 )
 from dsdiff.utils.errors import MissingPathError, SettingError
@@ -134,6 +135,8 @@ class CityscapesSegmentation(ListedMasks):
         self.ids = draw_subset(ids, subset, subset_seed)
         self.cities = {name: frames[name] for name in self.ids}
         self._masks = self._find_masks()
+        check_not_empty([self.image_path(n) for n in self.ids] + [self._masks[n][0] for n in self.ids],
+                        f"{self.root}/leftImg8bit/{split}" if listed is None else listed)
         self._labels: dict[str, list[int]] | None = None
 
     def _find_masks(self) -> dict[str, tuple[Path, bool]]:

@@ -28,6 +28,7 @@ from dsdiff.data.classes import (
 from dsdiff.data.voc import (
     SHOW,
     check_labels,
+    check_not_empty,
     draw_subset,
     missing_files,
     read_label_png,
@@ -146,6 +147,7 @@ def check_images(image_dir: Path, images: list[dict]) -> None:
         raise MissingPathError(f"{len(missing)} images listed in the {image_dir.name} annotations are missing from "
                                 f"{image_dir} ({shown}{', ...' if len(missing) > SHOW else ''}): "
                                 "add them (a complete unpack of the zip), or point paths.coco at a complete copy")
+    check_not_empty([image_dir / im["file_name"] for im in images], f"the {image_dir.name} annotations")
 
 
 def write_masks(images: list[dict], by_image: dict[int, list[dict]], cache_dir: Path, split: str) -> None:

@@ -30,6 +30,7 @@ from dsdiff.data.voc import (
     ListedMasks,
     check_labels,
     draw_subset,
+    check_not_empty,
     read_label_png,
 )
 from dsdiff.utils.errors import MissingPathError, SettingError
@@ -152,6 +153,7 @@ class FolderSegmentation(ListedMasks):
                 f"{len(missing)} files of the images listed by {where} are missing under {self.root} "
                 f"({', '.join(missing[:SHOW])}{', ...' if len(missing) > SHOW else ''}): add them, or remove "
                 "those names from the split file")
+        check_not_empty([self.image_path(n) for n in self.ids] + [self.mask_path(n) for n in self.ids], where)
 
     @property
     def first_label(self) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ ROOT_HINT = "pass paths.voc=<folder containing JPEGImages/ and SegmentationClass
 # SBD-augmented training set: mmseg names its list aug.txt, most other tools train_aug.txt.
 AUG_LISTS = ("train_aug.txt", "aug.txt")
 SHOW = 5  # missing files named in an error
+REDO = "download or copy it again, or remove its id from the split list"  # the fix for a damaged file
 
 
 def draw_subset(ids: list[str], size: int | None, seed: int = 0) -> list[str]:
@@ -62,7 +64,7 @@ def read_label_png(path: Path) -> np.ndarray:
         im = Image.open(path)
         im.load()
     except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        raise MissingPathError(f"unreadable mask {path} ({e}): replace the file with a PNG of class indices") from e
+        raise MissingPathError(f"unreadable mask {path}: not a PNG of class indices that decodes ({e}); {REDO}") from e
     with im:
         if im.mode not in ("P", "L"):
             raise SettingError(f"mask {path} is a {im.mode} image; expected a palette (P) or grayscale (L) "
@@ -86,8 +88,28 @@ def read_rgb(path: Path) -> torch.Tensor:
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except RuntimeError as e:  # torchvision names neither the file nor the fix ("Unsupported image file")
+        reason = re.sub(r"^.*\.cpp:\d+, ", "", str(e).strip().splitlines()[0] if str(e).strip() else "")
         raise MissingPathError(f"unreadable image {path}: not a JPEG, PNG, WebP or GIF that decodes (a damaged "
-                               "or partial file?); replace it, or remove it from the split") from e
+                               f"or partial file?{'; ' + reason if reason else ''}); {REDO}") from e
+
+
+def check_not_empty(paths: list[Path], listed_by: object) -> None:
+    """Fail at setup, naming the first few, on listed files of 0 bytes (an interrupted download or copy).
+
+    One ``stat`` per file, no decoding: a file that is damaged otherwise is named when it is read.
+    """
+    empty = []
+    for path in paths:
+        try:
+            if os.stat(path).st_size == 0:
+                empty.append(path)
+        except OSError:  # missing: the callers' own checks name those
+            continue
+    if empty:
+        shown = ", ".join(str(p) for p in empty[:SHOW])
+        raise MissingPathError(f"{len(empty)} files listed by {listed_by} are empty (0 bytes: an interrupted download "
+                               f"or copy?): {shown}{', ...' if len(empty) > SHOW else ''}; download or copy them again, "
+                               "or remove their ids from the split list")
 
 
 class ListedMasks(Dataset):
@@ -190,6 +212,7 @@ class VOCSegmentation(ListedMasks):
             raise MissingPathError(
                 f"{len(missing)} files listed by {self.split_file} are missing under {self.root} "
                 f"({shown}{', ...' if len(missing) > SHOW else ''}): add them, or remove their ids from the list")
+        check_not_empty(paths, self.split_file)
 
     def image_path(self, name: str) -> Path:
         return self.root / "JPEGImages" / f"{name}.jpg"

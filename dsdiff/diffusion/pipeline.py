@@ -6,6 +6,7 @@ pipelines without a VAE. Every failure names ``generator.model`` (or the setting
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,8 +84,39 @@ MODEL_FIX = ("pass generator.model=<local diffusers folder with model_index.json
 
 
 def generator_source(model: str | Path) -> str:
-    """``generator.model`` as a local folder or a hub id that can be had now, else a clear error at once."""
-    return model_source(model, "generator.model", MODEL_FIX, probe="model_index.json")
+    """``generator.model`` as a local folder or a hub id that can be had now, else a clear error at once.
+
+    A local folder is checked for its ``model_index.json`` and the component folders it lists
+    (:func:`check_components`), without loading anything.
+    """
+    source = model_source(model, "generator.model", MODEL_FIX, probe="model_index.json")
+    if Path(source).is_dir():
+        check_components(Path(source), model)
+    return source
+
+
+OPTIONAL_COMPONENTS = ("safety_checker",)  # dsdiff loads pipelines without their safety checker
+
+
+def check_components(folder: Path, model: str | Path) -> None:
+    """Raise, naming the folder, if a local pipeline has no ``model_index.json`` or lacks (or has an empty)
+    folder for a component its ``model_index.json`` lists (``unet/``, ``tokenizer/``, ``text_encoder/``, ...)."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise MissingPathError(f"no Stable Diffusion weights at {str(folder)!r} (generator.model={model}): no "
+                               f"model_index.json there, so not a diffusers pipeline folder; {MODEL_FIX}")
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise MissingPathError(f"generator.model={model}: unreadable {index} ({e}); {MODEL_FIX}") from e
+    needed = [name for name, value in config.items() if not name.startswith("_") and name not in OPTIONAL_COMPONENTS
+              and isinstance(value, list) and len(value) == 2 and all(value)]
+    missing = [name for name in needed if not (folder / name).is_dir() or not any((folder / name).iterdir())]
+    if missing:
+        listed = ", ".join(f"{folder / name}/ ({config[name][1]})" for name in missing)
+        raise MissingPathError(f"generator.model={model}: the {config.get('_class_name', 'pipeline')} folder lacks "
+                               f"{'a component' if len(missing) == 1 else 'components'} its model_index.json lists: "
+                               f"{listed}; copy the complete folder again (every subfolder save_pretrained wrote)")
 
 
 def pipeline_config(model: str | Path) -> dict:

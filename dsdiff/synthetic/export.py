@@ -4,7 +4,8 @@
 ``<dir>/hf`` holds ``data/train-<digest>-XXXXX-of-YYYYY.parquet`` shards with the columns ``id``,
 ``image`` and ``label`` (``Image`` features: the stored PNG/JPEG bytes, the label map a palette
 PNG of class indices, 255 uncertain), ``prompt``, ``class_ids`` and ``seed``, and a dataset
-card ``README.md`` naming the generator settings from ``dataset.json``. Load it with
+card ``README.md`` naming the generator settings from ``dataset.json`` (the prompts file by its name and
+the sha256 of its content, no local path). Load it with
 ``datasets.load_dataset("<dir>/hf", split="train")``; share it with ``push_to_hub``.
 """
 from __future__ import annotations
@@ -39,6 +40,27 @@ def _features():
     })
 
 
+def file_digest(path: Path) -> str | None:
+    """The first 16 hex digits of a file's sha256, or None when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def card_prompts(prompts: object) -> object:
+    """``dataset.json``'s ``prompts`` block for a card that leaves the machine: the prompts file by its
+    name and the sha256 of its content (``file_sha256``), never by its local path."""
+    if not isinstance(prompts, dict) or not prompts.get("file"):
+        return prompts
+    path = Path(str(prompts["file"])).expanduser()
+    return {**prompts, "file": path.name, "file_sha256": file_digest(path)}
+
+
 def dataset_card(config: dict, count: int, pattern: str = "data/train-*.parquet") -> str:
     """README.md with the ``datasets`` YAML header (data files, features) and the generator settings."""
     names = config.get("class_names") or []
@@ -68,7 +90,7 @@ loss), `prompt`, `class_ids` (classes the prompt names), `seed`, `id`.
 
 Classes (index: name): {", ".join(f"{i}: {n}" for i, n in enumerate(names))}
 
-Sample seed: `{config.get("seed")} + index`; prompts: `{json.dumps(config.get("prompts"))}`.
+Sample seed: `{config.get("seed")} + index`; prompts: `{json.dumps(card_prompts(config.get("prompts")))}`.
 
 ## Generator settings
 

@@ -59,9 +59,24 @@ def find_config_error(exc: BaseException | None) -> ConfigError | None:
     return None
 
 
+def original_message(error: ConfigError) -> str:
+    """``error``'s message; for one raised in a DataLoader worker, the worker's own message.
+
+    torch re-raises a worker's exception in the main process with ``Caught <type> in DataLoader worker
+    process N.`` and the worker's whole traceback as the message; its last line, after ``<module>.<type>: ``,
+    is the message the reader wrote (a damaged image, a mask with foreign labels).
+    """
+    text = str(error)
+    if not (text.startswith("Caught ") and "DataLoader worker" in text.split("\n", 1)[0]):
+        return text
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if at >= 0 else text
+
+
 def format_error(error: ConfigError) -> str:
     """The block an entry point prints: the message, indented under ``dsdiff: error:``, and how to see more."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
+    lines = original_message(error).strip().splitlines() or [type(error).__name__]
     body = "\n".join(["dsdiff: error: " + lines[0], *("  " + line for line in lines[1:])])
     return f"{body}\n  (HYDRA_FULL_ERROR=1 or verbose=true shows the traceback)"
 
