@@ -26,6 +26,7 @@ from dsdiff.prompting.stage import ensure_prompts
 from dsdiff.synthetic.predict import generate_dataset
 from dsdiff.synthetic.spec import GenerationPlan, check_settings
 from dsdiff.synthetic.drops import check_max_dropped
+from dsdiff.synthetic.reuse import finished_folder
 from dsdiff.synthetic.store import check_output_dir
 from dsdiff.utils.config import to_plain
 from dsdiff.utils.errors import exits_cleanly
@@ -46,8 +47,18 @@ def check_generation(cfg: DictConfig) -> list[str]:
         drop_empty = bool((synthetic.get("filters") or {}).get("drop_empty", True))
         check_prompts_file(synthetic["prompts"], class_names, drop_empty=drop_empty)
     check_output_dir(Path(synthetic["dir"]).expanduser())
-    check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
+    if finished_folder(generator, synthetic, class_names, command_line_keys()) is None:  # a finished one loads nothing
+        check_class_names(load_tokenizer(generator["model"]), class_names)  # also: is it a pipeline at all
     return class_names
+
+
+def command_line_keys() -> list[str] | None:
+    """The keys this Hydra job was given on the command line (None outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return [str(o).partition("=")[0].lstrip("+") for o in HydraConfig.get().overrides.task if not str(o).startswith("~")]
 
 
 def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
@@ -55,6 +66,8 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
 
     Everything that can be judged without weights (settings, the output folder, the tokenizer
     placing every class name) is checked before the prompts stage runs and before any file is written.
+    A folder that already holds every sample is used as it is (:func:`~dsdiff.synthetic.reuse.finished_folder`):
+    neither the model nor the captioner is loaded.
     """
     return generate_checked(cfg, check_generation(cfg), loggers)
 
@@ -62,6 +75,9 @@ def generate(cfg: DictConfig, loggers: list | None = None) -> dict[str, Any]:
 def generate_checked(cfg: DictConfig, class_names: list[str], loggers: list | None = None) -> dict[str, Any]:
     """:func:`generate` after :func:`check_generation` passed (it returned ``class_names``)."""
     generator, synthetic = to_plain(cfg.generator), to_plain(cfg.synthetic)
+    finished = finished_folder(generator, synthetic, class_names, command_line_keys())
+    if finished is not None:
+        return finished
     prompts = synthetic.get("prompts") or ensure_prompts(cfg)  # captions + class names, cached: after the cheap checks
     plan = GenerationPlan.from_settings(generator, synthetic, class_names, prompts=prompts)
 

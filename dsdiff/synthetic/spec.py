@@ -25,13 +25,13 @@ from dsdiff.diffusion.pipeline import check_scheduler, model_identity
 from dsdiff.diffusion.prompts import (
     DEFAULT_TEMPLATE,
     PromptRecord,
-    read_jsonl,
     template_prompt,
 )
 from dsdiff.diffusion.settings import LabelSettings
+from dsdiff.prompting.checks import check_prompts_file
 from dsdiff.synthetic.store import SyntheticStore, WriteOptions
 from dsdiff.utils.config import to_plain
-from dsdiff.utils.errors import MissingPathError, SettingError
+from dsdiff.utils.errors import SettingError
 
 # generator settings that change what is sampled, besides the labelling settings (the device and
 # dtype="auto" do not; the batch size does, in the last bits: it decides which ids share a forward pass)
@@ -55,17 +55,8 @@ def prompt_records(prompts: str | Path | None, class_names: Sequence[str], templ
     Templates name one class each, then (``max_classes`` >= 2) every ordered pair of distinct
     classes, and so on: ``"a photo of a dog and a cat"``.
     """
-    if prompts:
-        path = Path(prompts).expanduser()
-        if not path.is_file():
-            raise MissingPathError(f"no prompts file at {path}: make one with `python -m dsdiff.prompts` or set synthetic.prompts=null for class templates")
-        records = read_jsonl(path)
-        if not records:
-            raise SettingError(f"prompts file {path} holds no records")
-        bad = sorted({c for r in records for c in r.class_ids if not first_prompt_class(class_names) <= c < len(class_names)})
-        if bad:
-            raise SettingError(f"prompts file {path} uses class ids {bad} outside this {len(class_names)}-class list: was it made for another dataset?")
-        return records
+    if prompts:  # every record that cannot be generated, as FILE:LINE (empty class lists: the filters' call)
+        return check_prompts_file(prompts, class_names, drop_empty=False)
     if max_classes < 1:
         raise SettingError(f"synthetic.max_classes_per_prompt={max_classes}: use 1 or more")
     records = []
@@ -79,6 +70,31 @@ def prompt_records(prompts: str | Path | None, class_names: Sequence[str], templ
 def records_digest(records: Sequence[PromptRecord]) -> str:
     text = "\n".join(json.dumps(r.to_dict(), sort_keys=True) for r in records)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def settings_config(generator: Mapping, synthetic: Mapping, class_names: Sequence[str]) -> dict:
+    """``dataset.json`` less its ``prompts`` block: what the configuration alone decides (no weights, no records)."""
+    generator, synthetic = dict(to_plain(generator)), dict(to_plain(synthetic))
+    settings = {k: generator.get(k) for k in SAMPLING_KEYS}
+    settings.update(LabelSettings.of(generator.get("labels")).to_dict())
+    settings["model"] = model_identity(generator["model"]) if generator.get("model") else None
+    settings["batch_size"] = int(generator.get("batch_size") or 1)
+    return {
+        "class_names": list(class_names),
+        "generator": settings,
+        "dtype": generator.get("dtype", "auto"),
+        "seed": int(synthetic.get("seed", 0)),
+        "image_format": synthetic.get("image_format", "png"),
+        **({"jpeg_quality": WriteOptions.from_synthetic(synthetic).jpeg_quality} if synthetic.get("image_format") == "jpg" else {}),
+        "filters": synthetic.get("filters", {}),
+    }
+
+
+def prompts_config(synthetic: Mapping, records: Sequence[PromptRecord]) -> dict:
+    """``dataset.json``'s ``prompts`` block: ``synthetic.prompts`` as configured, the template, the records' count and digest."""
+    return {"file": str(synthetic.get("prompts")) if synthetic.get("prompts") else None,
+            "template": synthetic.get("template"), "max_classes": synthetic.get("max_classes_per_prompt", 1),
+            "records": len(records), "digest": records_digest(records)}
 
 
 def _whole(value: object) -> bool:
@@ -186,23 +202,10 @@ class GenerationPlan:
 
     def dataset_config(self) -> dict:
         """What ``dataset.json`` records: everything that decides the samples, nothing that does not."""
-        generator, synthetic = self.generator, self.synthetic
-        settings = {k: generator.get(k) for k in SAMPLING_KEYS}
-        settings.update(self.labels.to_dict())
-        settings["model"] = model_identity(generator["model"]) if generator.get("model") else None
-        settings["batch_size"] = self.batch_size
-        return {
-            "class_names": list(self.class_names),
-            "generator": settings,
-            "dtype": generator.get("dtype", "auto"),
-            "seed": self.seed,
-            "prompts": {"file": str(synthetic.get("prompts")) if synthetic.get("prompts") else None,
-                        "template": synthetic.get("template"), "max_classes": synthetic.get("max_classes_per_prompt", 1),
-                        "records": len(self.records), "digest": records_digest(self.records)},
-            "image_format": synthetic.get("image_format", "png"),
-            **({"jpeg_quality": WriteOptions.from_synthetic(synthetic).jpeg_quality} if synthetic.get("image_format") == "jpg" else {}),
-            "filters": synthetic.get("filters", {}),
-        }
+        settings = settings_config(self.generator, self.synthetic, self.class_names)
+        order = ["class_names", "generator", "dtype", "seed", "prompts"]  # the order dataset.json has always had
+        settings["prompts"] = prompts_config(self.synthetic, self.records)
+        return {**{k: settings[k] for k in order}, **settings}
 
     def build_generator(self, device: torch.device) -> SyntheticGenerator:
         """Load the pipeline onto ``device`` with these settings."""

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from dsdiff.data.classes import IGNORE_INDEX, flat_palette
+from dsdiff.diffusion.settings import LabelSettings
 from dsdiff.utils.config import config_diff
 from dsdiff.utils.errors import NotAFolderError, NotWritableError, SettingError
 from dsdiff.utils.io import (
@@ -52,7 +53,25 @@ CONFIG_FILE = "dataset.json"
 MANIFEST = "manifest"
 DROPPED = "dropped"
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}
+PROMPT_KEYS = {"file": "synthetic.prompts", "template": "synthetic.template", "max_classes": "synthetic.max_classes_per_prompt",
+               "records": "the prompt records (their number)", "digest": "the prompt records (their content)"}
 RESTART_HINT = "pass synthetic.overwrite=true to start over there, or choose another synthetic.dir"
+
+
+def setting_name(key: str) -> str:
+    """The setting behind a ``dataset.json`` key: ``generator.tau`` -> ``generator.labels.tau``,
+    ``seed`` -> ``synthetic.seed``, ``prompts.digest`` -> the prompt records' content."""
+    head, _, rest = key.partition(".")
+    if head == "generator":
+        return f"generator.labels.{rest}" if rest.split(".")[0] in LabelSettings.__dataclass_fields__ else key
+    if head == "prompts":
+        return PROMPT_KEYS.get(rest, key)
+    return {"dtype": "generator.dtype", "class_names": "data.class_list (its class names)"}.get(head, f"synthetic.{key}")
+
+
+def setting_diff(old: Mapping, new: Mapping) -> list[str]:
+    """:func:`~dsdiff.utils.config.config_diff` of two ``dataset.json`` dicts, keyed by today's setting names."""
+    return [f"{setting_name(line.split(': ', 1)[0])}: {line.split(': ', 1)[1]}" for line in config_diff(old, new)]
 
 
 def save_label_png(label: np.ndarray, path: Path) -> Path:
@@ -98,7 +117,7 @@ class SyntheticStore:
         if old is None:
             return
         new = json.loads(json.dumps(dict(config)))  # the form it takes on disk
-        diff = config_diff(old, new)
+        diff = setting_diff(old, new)
         if diff:
             raise SettingError(
                 f"the synthetic dataset at {self.root} was made with a different configuration "

@@ -66,7 +66,7 @@ def test_generation_into_a_folder_made_differently_is_refused(tiny32, tmp_path, 
     proc = subprocess.run(gen_cli.cmd(tiny32, out, tmp_path / "run2", 2, "generator.labels.tau=2"), env=gen_cli.env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "generator.tau: 4 -> 2" in proc.stderr and "synthetic.overwrite=true" in proc.stderr
+    assert "generator.labels.tau: 4 -> 2" in proc.stderr and "synthetic.overwrite=true" in proc.stderr
     gen_cli.run(tiny32, out, tmp_path / "run3", 3, "generator.labels.tau=2", "synthetic.overwrite=true")
     assert json.loads((out / "dataset.json").read_text())["generator"]["tau"] == 2
     assert len(SyntheticDataset(out)) == 3

@@ -226,7 +226,7 @@ def test_a_folder_from_before_groups_and_digests_is_adopted_when_nothing_else_di
     legacy["generator"]["model"] = str(tiny32)  # how older versions recorded it
     del legacy["generator"]["batch_size"]
     path.write_text(json.dumps(legacy))
-    with pytest.raises(ValueError, match="generator.tau: 4 -> 2"):
+    with pytest.raises(ValueError, match="generator.labels.tau: 4 -> 2"):
         gen_inproc(out, 2, "generator.labels.tau=2")
     assert json.loads(path.read_text()) == legacy  # not adopted by a run that differs
     assert gen_inproc(out, 3)["samples"] == 3

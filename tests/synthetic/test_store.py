@@ -84,7 +84,7 @@ def test_a_folder_made_differently_is_refused_unless_overwritten(tmp_path):
     store.prepare(CONFIG)
     _fill(store, range(2))
     other = {**CONFIG, "generator": {"model": "tiny", "tau": 2}}
-    with pytest.raises(ValueError, match=r"generator.tau: 4 -> 2.*synthetic.overwrite=true"):
+    with pytest.raises(ValueError, match=r"generator.labels.tau: 4 -> 2.*synthetic.overwrite=true"):
         store.prepare(other)
     store.prepare(CONFIG)  # the same configuration resumes
     assert len(store.done_ids()) == 2
