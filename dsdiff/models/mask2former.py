@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.models.net import plain_init_args
 from dsdiff.utils.config import check_number
 from dsdiff.utils.errors import ModelLoadError, SettingError
 
@@ -229,6 +230,7 @@ class Mask2FormerNet(nn.Module):
         aux_channels: int | None = None,
     ):
         super().__init__()
+        self.init_args = plain_init_args(locals())  # what a checkpoint records to rebuild this net
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, TimmBackboneConfig
 
         for name, value in [(k, v) for k, v in locals().items() if k in _NUMBERS]:

@@ -73,6 +73,23 @@ class FCNHead(nn.Module):
         return self.block(x)
 
 
+def plain_init_args(arguments: dict) -> dict:
+    """A net's ``__init__`` arguments (its ``locals()`` on entry) as plain Python values: OmegaConf
+    containers become lists and dicts, so a checkpoint holding them loads with ``weights_only=True``."""
+    def plain(value):
+        if hasattr(value, "_content"):  # an OmegaConf DictConfig / ListConfig
+            from omegaconf import OmegaConf
+
+            value = OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {k: plain(v) for k, v in arguments.items() if k not in ("self", "__class__")}
+
+
 class SegmentationNet(nn.Module):
     """DeepLabV3 / DeepLabV3+ from segmentation-models-pytorch with an optional auxiliary head.
 
@@ -100,6 +117,7 @@ class SegmentationNet(nn.Module):
         decoder_dropout: float | None = None,
     ):
         super().__init__()
+        self.init_args = plain_init_args(locals())  # what a checkpoint records to rebuild this net
         import segmentation_models_pytorch as smp
 
         if arch not in ARCHS:

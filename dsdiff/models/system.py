@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric
 
-from dsdiff.data.classes import IGNORE_INDEX
+from dsdiff.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_COLORS, IGNORE_INDEX, voc_palette
+from dsdiff.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dsdiff.models.inference import predict_logits
 from dsdiff.models.metrics import iou_metric, mean_iou
 from dsdiff.models.tta import PAPER_SCALES, keep_ratio_size, tta_logits
@@ -149,6 +150,26 @@ class Segmenter(L.LightningModule):
             for name, value in zip(self.class_names, per_class):
                 self.log(f"test/IoU_tta/{name}", value, sync_dist=True)
             self.test_iou_tta.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Make the checkpoint self-describing (plain types, ``weights_only=True``-loadable): the net's
+        class and arguments, the classes, palette, normalisation and inference settings, so that
+        ``dsdiff.Segmenter.from_checkpoint`` needs only the file."""
+        checkpoint["dsdiff"] = self.describe()
+
+    def describe(self) -> dict:
+        net = {"class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
+               "args": {**getattr(self.net, "init_args", {}), "encoder_weights": None}}
+        colors = CITYSCAPES_COLORS if tuple(self.class_names) == CITYSCAPES_CLASSES else voc_palette(len(self.class_names))
+        eval_scale = self.hparams.get("eval_scale")
+        return {
+            "format": 1, "net": net, "class_names": list(self.class_names),
+            "palette": [int(v) for rgb in colors for v in rgb],
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "eval_scale": None if eval_scale is None else list(eval_scale),
+            "tta_scales": list(self.hparams.tta_scales), "tta_flip": bool(self.hparams.tta_flip),
+            "slide_crop": self.hparams.slide_crop, "ignore_index": int(self.hparams.ignore_index),
+        }
 
     def configure_optimizers(self):
         base_lr = self.optimizer_factory.keywords["lr"]
