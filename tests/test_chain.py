@@ -298,6 +298,9 @@ def test_prune_checkpoints_keeps_only_the_final_weights_and_evaluate_still_reads
     state = torch.load(final, map_location="cpu", weights_only=False)
     assert {"state_dict", "global_step", "hyper_parameters"} <= set(state) and state["global_step"] == 5
     assert not {"optimizer_states", "current_model_state", "averaging_state"} & set(state)
+    from dsdiff import Segmenter  # the pruned file still rebuilds its net for inference
+
+    assert Segmenter.from_checkpoint(final, device="cpu").predict(np.zeros((20, 30, 3), np.uint8)).shape == (20, 30)
     stages = json.loads((run / "stages.json").read_text())
     [pruned] = stages["run"]["pruned"]
     assert pruned["removed"] == [str(run / "checkpoints" / "last.ckpt")] and pruned["weights_only"] == [str(final)]

@@ -40,7 +40,8 @@ class LastCheckpoint(ModelCheckpoint):
 
 # What a finished run's final checkpoint keeps with prune_checkpoints=true: the (EMA) weights that
 # evaluate, pseudo-label and selftrain.init=teacher read, and what Lightning's loaders expect.
-WEIGHTS_ONLY_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "epoch", "global_step", "pytorch-lightning_version")
+WEIGHTS_ONLY_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "epoch", "global_step", "pytorch-lightning_version",
+                     "dsdiff")  # "dsdiff": what rebuilds the net for inference (dsdiff.Segmenter)
 PRUNED_KEY = "dsdiff_pruned"  # the keys a pruned checkpoint dropped (optimizer state, raw weights, loop state)
 
 
