@@ -2,7 +2,9 @@
 
 The checkpoint's run config (``.hydra/config.yaml`` in the run dir above the checkpoint) gives the
 data, model and trainer settings; command-line overrides win over it. With ``+experiment=NAME``
-the run config is not read and the experiment's settings are used instead. Results go to
+the run config is not read and the experiment's settings are used instead. A checkpoint with no run
+config above it is rebuilt from its own record (network, classes, mean/std, evaluation scale) and
+tested on eval.yaml's data (``data=NAME`` for another). Results go to
 ``logs/eval/runs/<time>/metrics.json``.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.runtime import StageLoggers, instantiate_loggers
 from dsdiff.chain.stages import test_stage
-from dsdiff.utils.errors import exits_cleanly
+from dsdiff.utils.errors import SettingError, exits_cleanly
 from dsdiff.utils.io import write_json_atomic
 from dsdiff.utils.progress import LogProgress
 
@@ -62,9 +64,11 @@ def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         return cfg
     found = find_run_config(cfg.ckpt_path)
     if found is None:
-        log.warning("no %s in the folders above %s: evaluating with eval.yaml's data and model (%s); pass "
-                    "+experiment=NAME if the checkpoint was trained otherwise", RUN_CONFIG, cfg.ckpt_path,
-                    cfg.data.get("class_list"))
+        log.warning("no %s in the folders above %s: the model is rebuilt from the checkpoint's own record, the "
+                    "test data is eval.yaml's (data=%s; pass data=NAME or +experiment=NAME for another)", RUN_CONFIG,
+                    cfg.ckpt_path, cfg.data.get("class_list"))
+        with open_dict(cfg):
+            cfg.model_from_checkpoint = True
         return cfg
     log.info("settings of the run that wrote the checkpoint: %s", found)
     run = OmegaConf.load(found)
@@ -90,9 +94,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data, train=None)  # only the test split; a synthetic train set needs no generator here
-    # the checkpoint holds every weight: no pretrained encoder download
-    net = {"encoder_weights": None} if "encoder_weights" in cfg.model.get("net", {}) else {}
-    model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True), **({"net": net} if net else {}))
+    if cfg.get("model_from_checkpoint"):  # a checkpoint away from its run dir: it says what it is
+        model = described_model(cfg.ckpt_path, datamodule, tta=cfg.get("tta", True))
+    else:  # the checkpoint holds every weight: no pretrained encoder download
+        net = {"encoder_weights": None} if "encoder_weights" in cfg.model.get("net", {}) else {}
+        model = hydra.utils.instantiate(cfg.model, test_tta=cfg.get("tta", True), **({"net": net} if net else {}))
     with StageLoggers(partial(instantiate_loggers, cfg.get("logger"), output_dir)) as loggers:
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers.open() or False,
                                                      callbacks=[LogProgress()], default_root_dir=str(output_dir))
@@ -101,6 +107,20 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         write_json_atomic(output_dir / "metrics.json", {**metrics, "ckpt_path": str(cfg.ckpt_path)})
         log.info("metrics written to %s", output_dir / "metrics.json")
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def described_model(ckpt_path: str, datamodule, tta: bool) -> L.LightningModule:
+    """The LightningModule a self-describing checkpoint records (its net, classes, evaluation settings)."""
+    from dsdiff.deploy.segmenter import Segmenter
+
+    module = Segmenter.from_checkpoint(ckpt_path, device="cpu").module
+    module.hparams.test_tta = bool(tta)
+    want = getattr(datamodule, "num_classes", None)
+    if want is not None and want != len(module.class_names):
+        raise SettingError(f"ckpt_path={ckpt_path} predicts {len(module.class_names)} classes ({', '.join(module.class_names[:4])}, "
+                           f"...) but the data's class list {getattr(datamodule, 'class_list', None)!r} "
+                           f"has {want}: pass the data the model was trained for (data=NAME or +experiment=NAME)")
+    return module
 
 
 def format_table(metrics: dict[str, float]) -> str:

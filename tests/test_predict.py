@@ -93,3 +93,18 @@ def test_predict_refuses_a_missing_input_or_checkpoint_before_writing(shapes_ckp
     assert proc.returncode == 2 and "input=" in proc.stdout + proc.stderr and not (tmp_path / "out").exists()
     proc = _predict(tmp_path / "missing.ckpt", tmp_path, tmp_path / "out", tmp_path)
     assert proc.returncode == 2 and "ckpt_path=" in proc.stdout + proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_evaluate_reads_a_checkpoint_alone_and_refuses_the_wrong_data(shapes_ckpt, tmp_path):
+    """No run dir beside the checkpoint: the model comes from its own record; only the data is named."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DSDIFF_ROOT": str(tmp_path)}
+    run = [sys.executable, "-m", "dsdiff.evaluate", f"ckpt_path={shapes_ckpt}", "trainer=cpu", "data.num_workers=0"]
+    proc = subprocess.run([*run, "data=shapes", "tta=false"], env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    [metrics] = list((tmp_path / "logs" / "eval" / "runs").glob("*/metrics.json"))
+    recorded = json.loads(metrics.read_text())
+    assert 0 <= recorded["test/mIoU"] <= 1 and "rebuilt from the checkpoint's own record" in text
+    proc = subprocess.run([*run, "data=voc"], env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "predicts 6 classes" in text and "Traceback" not in text, text[-2000:]
