@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 from dsdiff.chain.config import check_devices, checks_experiment, config_dir
 from dsdiff.chain.debug import log_debug_overrides
 from dsdiff.chain.parallel import check_batch, log_batch, trainer_overrides
+from dsdiff.chain.provenance import training_record
 from dsdiff.chain.runs import open_run
 from dsdiff.chain.runtime import (
     instantiate_callbacks,
@@ -177,8 +178,15 @@ def make_predictor(cfg: DictConfig, out: Path, callbacks: list) -> L.Trainer:
                                    **trainer_overrides(cfg.trainer))
 
 
+def make_model(cfg: DictConfig) -> L.LightningModule:
+    """A stage's LightningModule; its checkpoints record what trained them (the data, recipe and command)."""
+    model = hydra.utils.instantiate(cfg.model)
+    model.provenance = training_record(cfg)
+    return model
+
+
 def factories(cfg: DictConfig, work: Path) -> Factories:
-    return Factories(datamodule=partial(hydra.utils.instantiate, cfg.data), model=partial(hydra.utils.instantiate, cfg.model),
+    return Factories(datamodule=partial(hydra.utils.instantiate, cfg.data), model=partial(make_model, cfg),
                      trainer=partial(make_trainer, cfg), predictor=partial(make_predictor, cfg),
                      loggers=partial(instantiate_loggers, cfg.get("logger"), work), log_config=partial(log_config, cfg),
                      generate=partial(generate, cfg), prompts=partial(on_the_fly_prompts, cfg))

@@ -15,7 +15,7 @@ MAX_LINES = 350
 # what data/ (the bottom of the pipeline: real datasets, transforms, the DataModule) may import
 DATA_MAY_IMPORT = {"data", "utils"}
 # the top level holds one module per command (`python -m dsdiff.<command>`) beside the packages
-COMMANDS = {"train", "generate", "evaluate", "score_labels", "pretrain", "prompts", "predict"}
+COMMANDS = {"train", "generate", "evaluate", "score_labels", "pretrain", "prompts", "predict", "export"}
 
 
 def module_name(path: Path) -> str:

@@ -156,6 +156,8 @@ class Segmenter(L.LightningModule):
         class and arguments, the classes, palette, normalisation and inference settings, so that
         ``dsdiff.Segmenter.from_checkpoint`` needs only the file."""
         checkpoint["dsdiff"] = self.describe()
+        if getattr(self, "provenance", None):  # what trained it (dsdiff.chain.provenance), set by the training chain
+            checkpoint["dsdiff"]["training"] = self.provenance
 
     def describe(self) -> dict:
         net = {"class": f"{type(self.net).__module__}.{type(self.net).__qualname__}",
