@@ -62,6 +62,9 @@ def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     paths = _overridden(overrides)
     if "experiment" in paths:
         return cfg
+    if not Path(cfg.ckpt_path).expanduser().is_file():
+        raise SettingError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file; pass the .ckpt a training run "
+                           "wrote (RUN_DIR/checkpoints/last.ckpt)")
     found = find_run_config(cfg.ckpt_path)
     if found is None:
         log.warning("no %s in the folders above %s: the model is rebuilt from the checkpoint's own record, the "
