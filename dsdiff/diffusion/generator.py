@@ -30,11 +30,10 @@ from dsdiff.data.classes import (
     first_prompt_class,
     unattended_label,
 )
-from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
+from dsdiff.diffusion.attention import AttentionStore
+from dsdiff.diffusion.family import family_of
 from dsdiff.diffusion.masks import attention_to_labels
 from dsdiff.diffusion.pipeline import (
-    check_class_names,
-    check_image_size,
     image_to_latent_factor,
     is_pixel_space,
     latent_size,
@@ -46,7 +45,6 @@ from dsdiff.diffusion.pipeline import (
 from dsdiff.diffusion.pixels import latents_to_images
 from dsdiff.diffusion.prompts import (
     PromptRecord,
-    class_token_spans,
     find_class_ids,
     fit_prompt,
     prompt_token_spans,
@@ -56,7 +54,7 @@ from dsdiff.utils.errors import SettingError
 
 log = logging.getLogger(__name__)
 # the generator config keys that are sampling arguments of SyntheticGenerator (None: the pipeline's own)
-SAMPLING_ARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width")
+SAMPLING_ARGS = ("num_inference_steps", "guidance_scale", "negative_prompt", "height", "width", "max_sequence_length")
 
 
 @dataclass
@@ -98,7 +96,8 @@ class Recording:
 class SyntheticGenerator:
     """Generate images and pixel labels from captions with a Stable Diffusion pipeline.
 
-    The pipeline's UNet gets recording processors (its other layers get SDPA). Defaults are
+    A UNet pipeline's UNet gets recording processors (its other layers get SDPA); an SD3 pipeline's
+    transformer carries the class prompt as its own token stream (:mod:`dsdiff.diffusion.family`). Defaults are
     the paper's: 100 steps, guidance 7.5, and :class:`LabelSettings`' defaults for the labels
     (``labels=``, or its fields as keywords: ``cross_res=8, tau=1``).
     """
@@ -114,24 +113,26 @@ class SyntheticGenerator:
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
+        max_sequence_length: int | None = None,
         labels: LabelSettings | Mapping | None = None,
         **label_fields: Any,
     ) -> None:
-        for attr in ("unet", "tokenizer", "text_encoder", "encode_prompt"):
+        self.labels = LabelSettings.of(labels, **label_fields)
+        options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        self.family = family_of(pipe, self.labels, **options)
+        for attr in (*self.family.components, "encode_prompt"):
             if getattr(pipe, attr, None) is None:
-                raise TypeError(f"{type(pipe).__name__} has no {attr}: dsdiff needs a UNet text-to-image pipeline (SD 1.x/2.x, SDXL)")
+                raise TypeError(f"{type(pipe).__name__} has no {attr}: dsdiff needs a text-to-image pipeline "
+                                "(SD 1.x/2.x, SDXL, SD3)")
         if "callback_on_step_end" not in inspect.signature(pipe.__call__).parameters:
             raise TypeError(f"{type(pipe).__name__} has no callback_on_step_end: update diffusers (>=0.30)")
-        self.labels = LabelSettings.of(labels, **label_fields)
         self.pipe, self.class_names, self.model_id = pipe, tuple(class_names), model_id
         self.num_inference_steps, self.guidance_scale, self.negative_prompt = num_inference_steps, guidance_scale, negative_prompt
-        default_size = pipe.unet.config.sample_size * image_to_latent_factor(pipe)
+        default_size = self.family.native_size()
         self.height, self.width = height or default_size, width or default_size
         self.store = AttentionStore()
-        self._installed_for: tuple | None = None  # (latent size, a recorder's name, that recorder)
-        check_class_names(pipe.tokenizer, self.class_names)  # fail now, not mid-run
-        if (self.height, self.width) != (default_size, default_size):
-            check_image_size(pipe, self.height, self.width, default_size, self.labels.cross_res, self.labels.self_res)
+        self.family.check_class_names(self.class_names)  # fail now, not mid-run
+        self.family.check_size(self.height, self.width)
         self._install(latent_size(pipe, self.height, self.width))
         pipe.set_progress_bar_config(disable=True)
 
@@ -172,7 +173,7 @@ class SyntheticGenerator:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.family.denoiser.device
 
     # -- the recording API ---------------------------------------------------------------------
     def requests(self, prompts: Sequence[str | Mapping | PromptRecord]) -> list[Request]:
@@ -193,13 +194,14 @@ class SyntheticGenerator:
                 raise SettingError(f"class ids {bad} are not prompt classes of this {len(self.class_names)}-class list"
                                    f"{' (0 is background)' if first_prompt_class(self.class_names) else ''}")
             words = [class_words(self.class_names[i]) for i in ids]
-            out.append(Request(fit_prompt(self.pipe.tokenizer, p, words), list(ids), extra))
+            out.append(Request(fit_prompt(self.pipe.tokenizer, p, words), list(ids), extra))  # CLIP's 77
         return out
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, L, D) conditional text embeddings, as the pipeline computes them."""
+        extra = {"prompt_2": None, "prompt_3": None, **self.family.prompt_kwargs()} if self.family.name == "sd3" else {}
         return self.pipe.encode_prompt(prompt=list(texts), device=self.device, num_images_per_prompt=1,
-                                       do_classifier_free_guidance=False)[0]
+                                       do_classifier_free_guidance=False, **extra)[0]
 
     @contextmanager
     def recording(self, requests: Sequence[Request], height: int, width: int,
@@ -212,7 +214,7 @@ class SyntheticGenerator:
         use_class_prompt = self.labels.class_prompt if class_prompt is None else class_prompt
         words = [[class_words(self.class_names[i]) for i in r.class_ids] for r in requests]
         if use_class_prompt:
-            class_prompts, spans = zip(*(class_token_spans(self.pipe.tokenizer, w) for w in words))
+            class_prompts, spans = zip(*(self.family.spans(w) for w in words))
             class_embeds = self.encode(class_prompts)
         else:
             class_prompts = tuple(r.text for r in requests)
@@ -251,15 +253,7 @@ class SyntheticGenerator:
 
     def _install(self, latent_hw: tuple[int, int]) -> None:
         """(Re)install the recorders when the latent size changed or someone replaced them."""
-        unet = self.pipe.unet
-        if self._installed_for is not None:
-            size, name, proc = self._installed_for
-            if size == latent_hw and unet.attn_processors.get(name) is proc:
-                return
-        procs = recording_processors(unet, self.store, latent_hw, self.labels.cross_res, self.labels.self_res)
-        name, proc = next((n, p) for n, p in procs.items() if isinstance(p, RecordingAttnProcessor))
-        unet.set_attn_processor(procs)  # (empties the dict it is given)
-        self._installed_for = (latent_hw, name, proc)
+        self.family.install(self.store, latent_hw)
 
     # -- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -314,14 +308,15 @@ class SyntheticGenerator:
                 generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
                 output_type="latent" if pixel_space else "np",
                 callback_on_step_end=on_step_end,
+                **self.family.prompt_kwargs(),
             )
             rec.read()
         images = latents_to_images(out.images, factor).numpy() if pixel_space else out.images
         settings = {
             "model": self.model_id, "scheduler": type(self.pipe.scheduler).__name__, "steps": steps,
             "guidance_scale": guidance, "negative_prompt": negative, "height": height, "width": width,
-            "dtype": str(self.pipe.unet.dtype).replace("torch.", ""), **self.labels.manifest_fields(),
-            "recorded_steps": len(record_steps),
+            "dtype": str(self.family.denoiser.dtype).replace("torch.", ""), **self.labels.manifest_fields(),
+            "recorded_steps": len(record_steps), **self.family.prompt_kwargs(),
         }
         nsfw = getattr(out, "nsfw_content_detected", None)
         samples = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -79,6 +79,21 @@ def check_scheduler(name: str | None) -> None:
         raise SettingError(f"unknown scheduler {name!r} (generator.scheduler): use one of {sorted(SCHEDULERS)} or null (the checkpoint's own)")
 
 
+RECORDED = "UNet pipelines (Stable Diffusion 1.x/2.x, SDXL) and StableDiffusion3Pipeline (SD3, SD3.5)"
+PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
+
+
+def pipeline_family(config: Mapping, model: object) -> str:
+    """``unet`` or ``sd3`` from a ``model_index.json``; any other pipeline is refused, naming itself."""
+    if "unet" in config:
+        return "unet"
+    name = config.get("_class_name")
+    if name in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[name]
+    raise SettingError(f"generator.model={model} is a {name}: dsdiff records the attention of {RECORDED}; "
+                       f"{name} is not one of them")
+
+
 MODEL_FIX = ("pass generator.model=<local diffusers folder with model_index.json> (for instance one written by "
              "save_pretrained) or a hub id the hub can give")
 
@@ -129,11 +144,7 @@ def pipeline_config(model: str | Path) -> dict:
         config = dict(DiffusionPipeline.load_config(str(model)))
     except (OSError, ValueError) as e:
         raise MissingPathError(f"no Stable Diffusion weights at {model!r}: {fix}. Cause: {e}") from e
-    if "unet" not in config:
-        raise SettingError(
-            f"{model!r} is a {config.get('_class_name')} without a UNet: dsdiff records UNet attention "
-            "(Stable Diffusion 1.x/2.x, SDXL)"
-        )
+    pipeline_family(config, model)  # a pipeline dsdiff cannot record names itself here
     return config
 
 

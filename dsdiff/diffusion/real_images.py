@@ -15,6 +15,7 @@ from dsdiff.diffusion.generator import Sample, SyntheticGenerator
 from dsdiff.diffusion.pipeline import image_to_latent_factor, is_pixel_space
 from dsdiff.diffusion.pixels import pack
 from dsdiff.diffusion.prompts import PromptRecord
+from dsdiff.utils.errors import SettingError
 
 
 def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,9 @@ def attention_on_images(
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image")
     if not timesteps:
         raise ValueError("timesteps is empty: pass e.g. [200, 400, 600]")
+    if gen.family.name != "unet":
+        raise SettingError(f"scoring labels on real images noises them for a UNet; this generator is "
+                           f"{gen.family.name}: use a UNet generator (generator=sd21 or shapes) for real-image scores")
     pipe, device = gen.pipe, gen.device
     height, width = images.shape[1:3]
     requests = gen.requests(prompts)

@@ -76,6 +76,8 @@ def settings_config(generator: Mapping, synthetic: Mapping, class_names: Sequenc
     """``dataset.json`` less its ``prompts`` block: what the configuration alone decides (no weights, no records)."""
     generator, synthetic = dict(to_plain(generator)), dict(to_plain(synthetic))
     settings = {k: generator.get(k) for k in SAMPLING_KEYS}
+    if generator.get("max_sequence_length") is not None:  # SD3's T5 prompt length (UNet configs have none)
+        settings["max_sequence_length"] = generator["max_sequence_length"]
     settings.update(LabelSettings.of(generator.get("labels")).to_dict())
     settings["model"] = model_identity(generator["model"]) if generator.get("model") else None
     settings["batch_size"] = int(generator.get("batch_size") or 1)
@@ -114,6 +116,10 @@ def check_sampling(generator: Mapping) -> None:
     if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, int | float) or not guidance >= 0):
         raise SettingError(f"generator.guidance_scale={guidance!r}: the classifier-free guidance scale, a number >= 0 "
                            "(1 or less: no guidance; the paper: 7.5)")
+    length = generator.get("max_sequence_length")
+    if length is not None and (not _whole(length) or length < 1):
+        raise SettingError(f"generator.max_sequence_length={length!r}: T5 prompt tokens of an SD3 generator, a whole "
+                           "number >= 1 (conf/generator/sd3.yaml: 256)")
     for key in ("height", "width"):
         side = generator.get(key)
         if side is not None and (not _whole(side) or side < 1):

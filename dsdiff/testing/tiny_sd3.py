@@ -1,0 +1,78 @@
+"""A tiny random-weight Stable Diffusion 3 pipeline built offline from configs (tests, benchmarks).
+
+Its three text encoders are the real classes (two ``CLIPTextModelWithProjection``, one
+``T5EncoderModel``) with tiny configs; the CLIP tokenizers are the tiny BPE of
+:mod:`dsdiff.testing.tiny_sd` and the T5 tokenizer a real Unigram ``T5Tokenizer`` over the same
+words, so class names fall on different token offsets in CLIP and in T5, as in SD3.
+"""
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import torch
+
+from dsdiff.testing.tiny_sd import TINY_WORDS, build_tokenizer
+
+
+def build_t5_tokenizer(words: Sequence[str] = TINY_WORDS, max_length: int = 32):
+    """A ``T5Tokenizer`` (Unigram): one piece per word in ``words``, single characters for the rest."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -6.0) for c in string.printable if not c.isspace()]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def build_tiny_sd3_pipeline(*, image_size: int = 64, num_layers: int = 3, heads: int = 2, head_dim: int = 8,
+                            text_dim: int = 16, t5_length: int = 32, words: Sequence[str] = TINY_WORDS,
+                            seed: int = 0):
+    """A random-weight ``StableDiffusion3Pipeline``: an SD3 VAE (x8), a ``num_layers``-block
+    ``SD3Transformer2DModel`` with patch 2: a 64 px image is an 8x8 latent, a 4x4 token grid."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words)
+    tokenizer_3 = build_t5_tokenizer(words, t5_length)
+    joint_dim = 2 * text_dim  # SD3 concatenates the two CLIPs' features, then pads them to T5's width
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=37, num_attention_heads=2,
+            num_hidden_layers=3, max_position_embeddings=77, projection_dim=text_dim,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )).eval()
+
+    text_encoder, text_encoder_2 = clip(), clip()
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=joint_dim, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+        pad_token_id=tokenizer_3.pad_token_id, eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0,
+    )).eval()
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 8, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim, pos_embed_max_size=16,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=2, sample_size=image_size, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tokenizer(words), text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+
+
+def save_tiny_sd3_pipeline(out_dir, **kwargs):
+    """Build a tiny SD3 pipeline and ``save_pretrained`` it: a local diffusers folder users could pass."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    build_tiny_sd3_pipeline(**kwargs).save_pretrained(out_dir)
+    return out_dir

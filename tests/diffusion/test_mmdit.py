@@ -1,0 +1,153 @@
+"""Class-prompt recording on an SD3 (MMDiT) transformer: the image is plain diffusers', the maps are
+the direct softmax(q k^T) of the carried class stream."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsdiff.diffusion import mmdit
+from dsdiff.diffusion.attention import AttentionStore
+from dsdiff.diffusion.mmdit import JointRecorder
+from dsdiff.testing.tiny_sd3 import build_tiny_sd3_pipeline
+from dsdiff.utils.errors import SettingError
+
+T5_LENGTH = 32
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_sd3_pipeline(t5_length=T5_LENGTH)
+
+
+def class_embeds(pipe, texts):
+    embeds, _, _, _ = pipe.encode_prompt(prompt=list(texts), prompt_2=None, prompt_3=None,
+                                         do_classifier_free_guidance=False, max_sequence_length=T5_LENGTH)
+    return embeds
+
+
+def generate(pipe, prompts, seed=0, steps=2):
+    return pipe(list(prompts), num_inference_steps=steps, height=64, width=64, guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(seed), output_type="pt",
+                max_sequence_length=T5_LENGTH).images
+
+
+def recorded(pipe, prompts, classes, blocks, seed=0):
+    store = AttentionStore()
+    store.reset(class_embeds(pipe, classes))
+    with JointRecorder(pipe.transformer, store, blocks):
+        images = generate(pipe, prompts, seed)
+    return images, store
+
+
+def test_the_image_is_plain_diffusers_bit_for_bit_and_the_class_prompt_changes_no_pixel(pipe):
+    prompts = ["a cat on the grass", "a dog and a car"]
+    plain = generate(pipe, prompts)
+    with_cat, store = recorded(pipe, prompts, ["cat", "dog car"], blocks=[0, 1, 2])
+    with_bus, _ = recorded(pipe, prompts, ["bus train", "sheep"], blocks=[1])
+    assert torch.equal(plain, with_cat) and torch.equal(plain, with_bus)
+    # recorded on every step (2), every block (3), both maps; the processors are diffusers' again after
+    assert store.cross_count == store.self_count == 6
+    assert store.mean("cross").shape == (2, 16, 77 + T5_LENGTH) and store.mean("self").shape == (2, 16, 16)
+    assert all(type(p).__name__ == "JointAttnProcessor2_0" for p in pipe.transformer.attn_processors.values())
+    assert torch.equal(generate(pipe, prompts), plain)
+
+
+def _inputs_of(pipe, index):
+    """Records (hidden_states, encoder_hidden_states, temb) each time block ``index`` runs."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append({k: kwargs[k].detach().clone() for k in ("hidden_states", "encoder_hidden_states", "temb")})
+    return seen, pipe.transformer.transformer_blocks[index].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _direct_cross(block, image_tokens, class_tokens, temb):
+    """softmax(q_image k_class^T / sqrt(d)) averaged over heads, from the block's own layers."""
+    attn = block.attn
+    normed_image = block.norm1(image_tokens, emb=temb)[0]
+    normed_class = (block.norm1_context(class_tokens, temb) if block.context_pre_only
+                    else block.norm1_context(class_tokens, emb=temb)[0])
+    b, d = image_tokens.shape[0], attn.inner_dim // attn.heads
+    q = attn.norm_q(attn.to_q(normed_image).view(b, -1, attn.heads, d).transpose(1, 2)) if attn.norm_q else \
+        attn.to_q(normed_image).view(b, -1, attn.heads, d).transpose(1, 2)
+    k = attn.add_k_proj(normed_class).view(b, -1, attn.heads, d).transpose(1, 2)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1).mean(1)
+
+
+@torch.no_grad()
+def test_cross_maps_are_the_direct_softmax_of_the_carried_class_stream(pipe):
+    """Block 0 sees the class prompt as embedded; block 1 sees it as block 0's context output would be
+    if the class prompt were the context (class queries over [image, class] keys)."""
+    prompts, classes = ["a cat on the grass"], ["cat"]
+    transformer = pipe.transformer
+    seen0, h0 = _inputs_of(pipe, 0)
+    seen1, h1 = _inputs_of(pipe, 1)
+    try:
+        _, store0 = recorded(pipe, prompts, classes, blocks=[0])
+        _, store1 = recorded(pipe, prompts, classes, blocks=[1])
+    finally:
+        h0.remove()
+        h1.remove()
+    steps = len(seen0) // 2  # two recorded generations, same seed: the same inputs twice
+    embeds = class_embeds(pipe, classes)
+    c0 = transformer.context_embedder(embeds)
+    block0, block1 = transformer.transformer_blocks[0], transformer.transformer_blocks[1]
+    want0 = want1 = 0
+    for step in range(steps):
+        x0, x1 = seen0[step], seen1[step]
+        cond = slice(-1, None)  # the batch is [uncond, cond]
+        want0 = want0 + _direct_cross(block0, x0["hidden_states"][cond], c0, x0["temb"][cond])
+        c1, _ = block0(hidden_states=x0["hidden_states"][cond], encoder_hidden_states=c0, temb=x0["temb"][cond])
+        want1 = want1 + _direct_cross(block1, x1["hidden_states"][cond], c1, x1["temb"][cond])
+    torch.testing.assert_close(store0.mean("cross"), want0 / steps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(store1.mean("cross"), want1 / steps, rtol=0, atol=1e-5)
+    assert not torch.allclose(store0.mean("cross"), store1.mean("cross"), atol=1e-3)
+    # each map is a distribution over the class prompt's tokens
+    torch.testing.assert_close(store1.mean("cross").sum(-1), torch.ones(1, 16), rtol=0, atol=1e-5)
+
+
+def test_row_chunks_give_the_unchunked_maps(monkeypatch):
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 64, 8), torch.randn(2, 3, 40, 8)
+    whole = mmdit._row_chunked_probs(q, k, 8**-0.5)
+    monkeypatch.setattr(mmdit, "CHUNK_BYTES", 2 * 3 * 40 * 4 * 5)  # 5 query rows per chunk
+    torch.testing.assert_close(mmdit._row_chunked_probs(q, k, 8**-0.5), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, -1).mean(1))
+
+
+@pytest.mark.parametrize("blocks", [[], [3], [-1], ["x"]])
+def test_blocks_out_of_range_are_refused_naming_the_setting(pipe, blocks):
+    with pytest.raises(SettingError, match=r"generator\.labels\.blocks"):
+        JointRecorder(pipe.transformer, AttentionStore(), blocks)
+
+
+def test_a_pipeline_dsdiff_cannot_record_names_itself():
+    from dsdiff.diffusion.pipeline import pipeline_family
+
+    assert pipeline_family({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "x"]}, "m") == "sd3"
+    assert pipeline_family({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "x"]}, "m") == "unet"
+    with pytest.raises(SettingError, match=r"generator\.model=black-forest-labs/FLUX.1-schnell is a FluxPipeline"):
+        pipeline_family({"_class_name": "FluxPipeline", "transformer": ["diffusers", "x"]},
+                        "black-forest-labs/FLUX.1-schnell")
+
+
+def test_sd3_only_settings_are_refused_on_a_unet_generator(tiny_pipeline_dir):
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+
+    with pytest.raises(SettingError, match=r"generator\.labels\.blocks=\[1, 2\]"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", blocks=[1, 2])
+    with pytest.raises(SettingError, match=r"generator\.max_sequence_length"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", max_sequence_length=77)
+
+
+def test_sd3_maps_must_be_at_the_token_grid(pipe):
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+
+    with pytest.raises(SettingError, match=r"generator\.labels\.cross_res=16.*set generator\.labels\.cross_res=4"):
+        SyntheticGenerator(pipe, VOC_CLASSES)
+    with pytest.raises(SettingError, match=r"generator\.labels\.class_prompt=false"):
+        SyntheticGenerator(pipe, VOC_CLASSES, cross_res=4, self_res=4, class_prompt=False)

@@ -1,0 +1,116 @@
+"""`dsdiff.generate generator=sd3` on a tiny random-weight SD3 folder: labelled samples whose images are
+plain diffusers' for the same groups, resumable, identical under two-process DDP."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsdiff.synthetic.store import SyntheticStore
+from dsdiff.testing.tiny_sd3 import save_tiny_sd3_pipeline
+from tests.synthetic.conftest import cli_env
+
+T5_LENGTH = 32
+SD3_ARGS = ["generator=sd3", "generator.num_inference_steps=2", "generator.labels.cross_res=4",
+            "generator.labels.self_res=4", "generator.labels.tau=1", f"generator.max_sequence_length={T5_LENGTH}",
+            "synthetic.filters.drop_empty=false", "prompts=default", "synthetic.image_format=png"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3") / "pipeline", t5_length=T5_LENGTH)
+
+
+def cmd(model, out, run_dir, n, *extra):
+    return [sys.executable, "-m", "dsdiff.generate", "+experiment=voc_deeplab", "debug=fast", f"generator.model={model}",
+            f"synthetic.num_images={n}", f"synthetic.dir={out}", f"hydra.run.dir={run_dir}", *SD3_ARGS, *extra]
+
+
+def run(*args, timeout=300, **kw):
+    proc = subprocess.run(cmd(*args, **kw), env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def pixels(store, entry, key):
+    return np.array(Image.open(store.root / entry[key]))
+
+
+def test_sd3_generation_writes_labelled_samples_whose_images_are_plain_diffusers(tiny_sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out, n = tmp_path / "syn", 4
+    run(tiny_sd3, out, tmp_path / "run", n)
+    store = SyntheticStore(out)
+    entries = store.entries()
+    assert [e["id"] for e in entries] == [f"{i:07d}" for i in range(n)]
+    recorded = json.loads((out / "dataset.json").read_text())["generator"]
+    assert recorded["max_sequence_length"] == T5_LENGTH and recorded["cross_res"] == 4
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    pipe.set_progress_bar_config(disable=True)
+    labelled = 0
+    for group in (entries[:2], entries[2:]):  # sd3.yaml's batch_size 2: the groups one forward pass made
+        images = pipe([e["prompt"] for e in group], num_inference_steps=2, guidance_scale=4.5, height=64, width=64,
+                      generator=[torch.Generator().manual_seed(e["seed"]) for e in group], output_type="np",
+                      max_sequence_length=T5_LENGTH).images
+        for e, image in zip(group, images):
+            assert np.array_equal(pixels(store, e, "image"), (image * 255).round().clip(0, 255).astype(np.uint8))
+            mask = pixels(store, e, "mask")
+            assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255, *e["class_ids"]}
+            labelled += bool(set(np.unique(mask)) & set(e["class_ids"]))
+    assert labelled >= 1  # the class maps place some class, not only background / uncertain
+
+
+def test_a_blocks_setting_out_of_range_is_refused_before_anything_is_written(tiny_sd3, tmp_path):
+    out = tmp_path / "syn"
+    proc = subprocess.run(cmd(tiny_sd3, out, tmp_path / "run", 2, "generator.labels.blocks=[0,7]"), env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "generator.labels.blocks=[0, 7]" in proc.stderr and "0..2" in proc.stderr
+    assert not (out / "dataset.json").exists()
+    run(tiny_sd3, out, tmp_path / "run2", 2, "generator.labels.blocks=[0,2]")
+    assert json.loads((out / "dataset.json").read_text())["generator"]["blocks"] == [0, 2]
+
+
+@pytest.mark.slow
+def test_killed_sd3_generation_resumes_to_the_uninterrupted_folder(tiny_sd3, tmp_path):
+    n = 6
+    run(tiny_sd3, tmp_path / "whole", tmp_path / "run0", n, "generator.batch_size=1")
+    out = tmp_path / "syn"
+    proc = subprocess.Popen(cmd(tiny_sd3, out, tmp_path / "run1", n, "generator.batch_size=1"), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while (len(SyntheticStore(out).entries()) if (out / "dataset.json").exists() else 0) < 2 \
+            and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(SyntheticStore(out).entries())
+    assert 2 <= before < n, f"the kill came too late to test resuming ({before} of {n} done)"
+    run(tiny_sd3, out, tmp_path / "run2", n, "generator.batch_size=1")
+    whole, resumed = SyntheticStore(tmp_path / "whole"), SyntheticStore(out)
+    assert [e["id"] for e in resumed.entries()] == [e["id"] for e in whole.entries()]
+    for a, b in zip(whole.entries(), resumed.entries()):
+        for key in ("image", "mask"):
+            assert np.array_equal(pixels(whole, a, key), pixels(resumed, b, key))
+
+
+@pytest.mark.slow
+def test_two_process_sd3_generation_makes_the_one_process_folder(tiny_sd3, tmp_path):
+    n = 4
+    run(tiny_sd3, tmp_path / "one", tmp_path / "run1", n, "generator.batch_size=1")
+    run(tiny_sd3, tmp_path / "two", tmp_path / "run2", n, "generator.batch_size=1", "trainer=ddp",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.sync_batchnorm=false",
+        timeout=600)
+    one, two = SyntheticStore(tmp_path / "one"), SyntheticStore(tmp_path / "two")
+    assert [e["id"] for e in one.entries()] == [e["id"] for e in two.entries()]
+    for a, b in zip(one.entries(), two.entries()):
+        for key in ("image", "mask"):
+            assert np.array_equal(pixels(one, a, key), pixels(two, b, key))
