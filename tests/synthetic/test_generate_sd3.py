@@ -114,3 +114,13 @@ def test_two_process_sd3_generation_makes_the_one_process_folder(tiny_sd3, tmp_p
     for a, b in zip(one.entries(), two.entries()):
         for key in ("image", "mask"):
             assert np.array_equal(pixels(one, a, key), pixels(two, b, key))
+
+
+def test_score_labels_with_an_sd3_generator_is_refused_before_anything_is_written(tiny_sd3, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dsdiff.score_labels", "+experiment=shapes_deeplab", "generator=sd3",
+                           f"generator.model={tiny_sd3}", "generator.labels.cross_res=4", "generator.labels.self_res=4",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.log_dir={tmp_path / 'logs'}"],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is an sd3 generator: score_labels noises real images for a UNet" in proc.stderr
+    assert not (tmp_path / "logs").exists()

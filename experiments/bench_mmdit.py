@@ -1,0 +1,157 @@
+"""Benchmark: the cost of class-prompt recording on an SD3.5-Medium-layout transformer (MMDiT).
+
+One run measures, side by side on the same random-weight transformer, inputs and steps, the
+denoising step (transformer forward, classifier-free guidance batch 2B) of plain diffusers
+against dsdiff's recording (:class:`dsdiff.diffusion.mmdit.JointRecorder`: the class prompt's
+tokens carried through the blocks, cross and self maps summed), for each batch size and each
+choice of recorded blocks. The text encoders, VAE and label step are the same in both and
+are left out. Layout: SD3.5 Medium's (24 joint blocks, dual attention in the first 13, RMS q/k
+norm, 333 prompt tokens = 77 CLIP + 256 T5); on CPU at reduced width, on CUDA at full width.
+
+    python experiments/bench_mmdit.py                                  # CPU: width 4x32, 512 px
+    python experiments/bench_mmdit.py --device cuda --dtype bf16 --image-size 1024 --batch 1 4
+    python experiments/bench_mmdit.py --write-results                  # into experiments/results/
+
+Writes its section of ``bench_generation.md`` (``mmdit``) into ``outputs/experiments/bench_mmdit/<time>/``
+or, with ``--write-results``, into experiments/results/bench_generation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from dsdiff.diffusion.attention import AttentionStore
+from dsdiff.diffusion.mmdit import JointRecorder
+
+from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
+from bench_generation import PeakMemory  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROMPT_TOKENS = 77 + 256
+
+
+def build_transformer(*, heads: int, head_dim: int, joint_dim: int, image_size: int, device, dtype):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=image_size // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * joint_dim // 4,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+    ).to(device=device, dtype=dtype).eval()
+
+
+def timed(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure(model, args, device, dtype, batch: int, blocks) -> dict:
+    side = args.image_size // 8
+    latents = torch.randn(2 * batch, 16, side, side, device=device, dtype=dtype)
+    prompt = torch.randn(2 * batch, PROMPT_TOKENS, model.config.joint_attention_dim, device=device, dtype=dtype)
+    pooled = torch.randn(2 * batch, model.config.pooled_projection_dim, device=device, dtype=dtype)
+    step = torch.full((2 * batch,), 500.0, device=device)
+    store = AttentionStore()
+
+    def forward():
+        return model(hidden_states=latents, encoder_hidden_states=prompt, pooled_projections=pooled,
+                     timestep=step, return_dict=False)[0]
+
+    plain_out = forward()  # first call of the process: lazy allocations stay out of the peaks
+    with PeakMemory(device) as mem_plain:
+        t_plain = timed(forward, args.repeats, device)
+    store.reset(torch.randn(batch, PROMPT_TOKENS, model.config.joint_attention_dim, device=device, dtype=dtype))
+    with JointRecorder(model, store, blocks) as recorder:
+        def recorded():
+            store.cross_sum = store.self_sum = None
+            store.cross_count = store.self_count = 0
+            store.recording = True
+            return forward()
+        with PeakMemory(device) as mem_rec:
+            t_rec = timed(recorded, args.repeats, device)
+        same = torch.equal(recorded(), plain_out)
+        n_blocks, extra = len(recorder.blocks), recorder.extra_tokens()
+    return {"batch": batch, "blocks": f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0]),
+            "n_blocks": n_blocks, "tokens": side * side // 4, "class_tokens": extra,
+            "plain_s": t_plain, "rec_s": t_rec, "time_ratio": t_rec / t_plain,
+            "plain_mb": mem_plain.extra / 2**20, "rec_mb": mem_rec.extra / 2**20,
+            "maps_mb": store.nbytes() / 2**20, "same": same}
+
+
+def render(args, device, dtype, rows) -> str:
+    width = f"{args.heads} heads x {args.head_dim}, joint dim {args.joint_dim}"
+    lines = [
+        "## MMDiT recording (SD3.5-Medium layout)", "",
+        f"`python experiments/bench_mmdit.py {' '.join(sys.argv[1:])}`: {device.type} ({platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads), {str(dtype).replace('torch.', '')}, "
+        f"{args.image_size} px, {width}, random weights, median of {args.repeats} denoising steps "
+        "(transformer forward at guidance batch 2B). Peak memory: extra over the start of the block "
+        "(CUDA allocator, or RSS on CPU). `same`: the recorded step's output equals plain diffusers' bit for bit.", "",
+        "| batch | recorded blocks | image tokens | class tokens | plain s/step | dsdiff s/step | time ratio | "
+        "plain peak MB | dsdiff peak MB | maps MB | same |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['blocks']} ({r['n_blocks']}) | {r['tokens']} | {r['class_tokens']} | "
+                     f"{r['plain_s']:.3f} | {r['rec_s']:.3f} | {r['time_ratio']:.2f}x | {r['plain_mb']:.0f} | "
+                     f"{r['rec_mb']:.0f} | {r['maps_mb']:.1f} | {r['same']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--image-size", type=int, default=512)
+    p.add_argument("--heads", type=int, default=None, help="default 24 on CUDA (SD3.5 Medium), 4 on CPU")
+    p.add_argument("--head-dim", type=int, default=None, help="default 64 on CUDA, 32 on CPU")
+    p.add_argument("--joint-dim", type=int, default=None, help="prompt embedding width: 4096 on CUDA, 256 on CPU")
+    p.add_argument("--batch", type=int, nargs="+", default=[1])
+    p.add_argument("--blocks", nargs="+", default=["0-23", "8-15"], help="recorded block ranges, one row each")
+    p.add_argument("--repeats", type=int, default=3)
+    add_write_results(p)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    args.heads = args.heads or (24 if cuda else 4)
+    args.head_dim = args.head_dim or (64 if cuda else 32)
+    args.joint_dim = args.joint_dim or (4096 if cuda else 256)
+    model = build_transformer(heads=args.heads, head_dim=args.head_dim, joint_dim=args.joint_dim,
+                              image_size=args.image_size, device=device, dtype=dtype)
+    rows = []
+    for batch in args.batch:
+        for spec in args.blocks:
+            start, _, end = spec.partition("-")
+            blocks = list(range(int(start), int(end or start) + 1))
+            rows.append(measure(model, args, device, dtype, batch, blocks))
+            r = rows[-1]
+            print(f"batch {batch}, blocks {spec}: plain {r['plain_s']:.3f} s, dsdiff {r['rec_s']:.3f} s "
+                  f"({r['time_ratio']:.2f}x), peak {r['plain_mb']:.0f} -> {r['rec_mb']:.0f} MB, same={r['same']}",
+                  flush=True)
+    text = render(args, device, dtype, rows)
+    folder = run_folder("bench_mmdit", args.write_results)
+    write_section(folder / "bench_generation.md", f"mmdit-{device.type}", text, "Generation benchmarks")
+    print(text)
+    print(f"results: {folder / 'bench_generation.md'}")
+
+
+if __name__ == "__main__":
+    main()
