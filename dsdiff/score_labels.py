@@ -69,9 +69,9 @@ def check_scoring(cfg: DictConfig) -> tuple[ScoreSettings, Any]:
     generator_source(cfg.generator.model)
     family = pipeline_family(pipeline_config(cfg.generator.model), cfg.generator.model)
     if family != "unet":
-        raise SettingError(f"generator.model={cfg.generator.model} is an {family} generator: score_labels noises real "
+        raise SettingError(f"generator.model={cfg.generator.model} ({family.upper()} pipeline): score_labels noises real "
                            "images for a UNet, which it has not; score with a UNet generator (generator=sd21), or "
-                           "compare SD3 label settings by training on their synthetic folders")
+                           "compare SD3 or FLUX label settings by training on their synthetic folders")
     return settings, labels
 
 

@@ -1,15 +1,19 @@
-"""Benchmark: the cost of class-prompt recording on an SD3.5-Medium-layout transformer (MMDiT).
+"""Benchmark: the cost of class-prompt recording on SD3.5-Medium- and FLUX.1-layout transformers (MMDiT).
 
 One run measures, side by side on the same random-weight transformer, inputs and steps, the
 denoising step (transformer forward, classifier-free guidance batch 2B) of plain diffusers
 against dsdiff's recording (:class:`dsdiff.diffusion.mmdit.JointRecorder`: the class prompt's
 tokens carried through the blocks, cross and self maps summed), for each batch size and each
 choice of recorded blocks. The text encoders, VAE and label step are the same in both and
-are left out. Layout: SD3.5 Medium's (24 joint blocks, dual attention in the first 13, RMS q/k
-norm, 333 prompt tokens = 77 CLIP + 256 T5); on CPU at reduced width, on CUDA at full width.
+are left out. Layouts: SD3.5 Medium's (``--family sd3``: 24 joint blocks, dual attention in the
+first 13, RMS q/k norm, 333 prompt tokens = 77 CLIP + 256 T5, guidance batch 2B) and FLUX.1's
+(``--family flux``: 19 dual-stream + 38 single-stream blocks, rotary positions, 256 T5 tokens,
+no guidance batch); on CPU at reduced width, on CUDA at full width.
 
-    python experiments/bench_mmdit.py                                  # CPU: width 4x32, 512 px
+    python experiments/bench_mmdit.py                                  # CPU: SD3 layout, width 4x32, 512 px
+    python experiments/bench_mmdit.py --family flux --blocks 0-56 19-30
     python experiments/bench_mmdit.py --device cuda --dtype bf16 --image-size 1024 --batch 1 4
+    python experiments/bench_mmdit.py --device cuda --dtype bf16 --image-size 1024 --batch 1 4 --family flux --blocks 0-56
     python experiments/bench_mmdit.py --write-results                  # into experiments/results/
 
 Writes its section of ``bench_generation.md`` (``mmdit``) into ``outputs/experiments/bench_mmdit/<time>/``
@@ -26,19 +30,27 @@ import time
 import torch
 
 from dsdiff.diffusion.attention import AttentionStore
+from dsdiff.diffusion.flux import FluxRecorder
 from dsdiff.diffusion.mmdit import JointRecorder
 
 from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
 from bench_generation import PeakMemory  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PROMPT_TOKENS = 77 + 256
+PROMPT_TOKENS = {"sd3": 77 + 256, "flux": 256}
 
 
-def build_transformer(*, heads: int, head_dim: int, joint_dim: int, image_size: int, device, dtype):
-    from diffusers import SD3Transformer2DModel
+def build_transformer(*, family: str, heads: int, head_dim: int, joint_dim: int, image_size: int, device, dtype):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     torch.manual_seed(0)
+    if family == "flux":
+        rope = (head_dim // 8, head_dim * 7 // 16, head_dim - head_dim // 8 - head_dim * 7 // 16)  # 16/56/56 of 128
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=head_dim,
+            num_attention_heads=heads, joint_attention_dim=joint_dim, pooled_projection_dim=768,
+            guidance_embeds=False, axes_dims_rope=rope,
+        ).to(device=device, dtype=dtype).eval()
     return SD3Transformer2DModel(
         sample_size=image_size // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
@@ -61,24 +73,39 @@ def timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+def inputs(model, args, device, dtype, batch: int):
+    """The transformer's keyword arguments for one denoising step (SD3: the guidance batch 2B)."""
+    side, tokens = args.image_size // 16, PROMPT_TOKENS[args.family]
+    if args.family == "flux":  # packed 2x2 latents, position ids, timestep in [0, 1]
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1], img_ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+        img_ids = img_ids.reshape(-1, 3).to(device)
+        return {"hidden_states": torch.randn(batch, side * side, 64, device=device, dtype=dtype),
+                "encoder_hidden_states": torch.randn(batch, tokens, model.config.joint_attention_dim, device=device, dtype=dtype),
+                "pooled_projections": torch.randn(batch, 768, device=device, dtype=dtype),
+                "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+                "img_ids": img_ids, "txt_ids": torch.zeros(tokens, 3, device=device)}
+    return {"hidden_states": torch.randn(2 * batch, 16, 2 * side, 2 * side, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.randn(2 * batch, tokens, model.config.joint_attention_dim, device=device, dtype=dtype),
+            "pooled_projections": torch.randn(2 * batch, model.config.pooled_projection_dim, device=device, dtype=dtype),
+            "timestep": torch.full((2 * batch,), 500.0, device=device)}
+
+
 @torch.no_grad()
 def measure(model, args, device, dtype, batch: int, blocks) -> dict:
     side = args.image_size // 8
-    latents = torch.randn(2 * batch, 16, side, side, device=device, dtype=dtype)
-    prompt = torch.randn(2 * batch, PROMPT_TOKENS, model.config.joint_attention_dim, device=device, dtype=dtype)
-    pooled = torch.randn(2 * batch, model.config.pooled_projection_dim, device=device, dtype=dtype)
-    step = torch.full((2 * batch,), 500.0, device=device)
+    kwargs = inputs(model, args, device, dtype, batch)
     store = AttentionStore()
+    recorder_class = FluxRecorder if args.family == "flux" else JointRecorder
 
     def forward():
-        return model(hidden_states=latents, encoder_hidden_states=prompt, pooled_projections=pooled,
-                     timestep=step, return_dict=False)[0]
+        return model(**kwargs, return_dict=False)[0]
 
     plain_out = forward()  # first call of the process: lazy allocations stay out of the peaks
     with PeakMemory(device) as mem_plain:
         t_plain = timed(forward, args.repeats, device)
-    store.reset(torch.randn(batch, PROMPT_TOKENS, model.config.joint_attention_dim, device=device, dtype=dtype))
-    with JointRecorder(model, store, blocks) as recorder:
+    store.reset(torch.randn(batch, PROMPT_TOKENS[args.family], model.config.joint_attention_dim, device=device, dtype=dtype))
+    with recorder_class(model, store, blocks) as recorder:
         def recorded():
             store.cross_sum = store.self_sum = None
             store.cross_count = store.self_count = 0
@@ -97,12 +124,14 @@ def measure(model, args, device, dtype, batch: int, blocks) -> dict:
 
 def render(args, device, dtype, rows) -> str:
     width = f"{args.heads} heads x {args.head_dim}, joint dim {args.joint_dim}"
+    layout = "FLUX.1" if args.family == "flux" else "SD3.5-Medium"
+    batch = "batch B, no guidance branch" if args.family == "flux" else "guidance batch 2B"
     lines = [
-        "## MMDiT recording (SD3.5-Medium layout)", "",
+        f"## MMDiT recording ({layout} layout, {device.type})", "",
         f"`python experiments/bench_mmdit.py {' '.join(sys.argv[1:])}`: {device.type} ({platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads), {str(dtype).replace('torch.', '')}, "
         f"{args.image_size} px, {width}, random weights, median of {args.repeats} denoising steps "
-        "(transformer forward at guidance batch 2B). Peak memory: extra over the start of the block "
+        f"(transformer forward, {batch}). Peak memory: extra over the start of the block "
         "(CUDA allocator, or RSS on CPU). `same`: the recorded step's output equals plain diffusers' bit for bit.", "",
         "| batch | recorded blocks | image tokens | class tokens | plain s/step | dsdiff s/step | time ratio | "
         "plain peak MB | dsdiff peak MB | maps MB | same |",
@@ -118,13 +147,15 @@ def render(args, device, dtype, rows) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--family", choices=("sd3", "flux"), default="sd3")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--image-size", type=int, default=512)
-    p.add_argument("--heads", type=int, default=None, help="default 24 on CUDA (SD3.5 Medium), 4 on CPU")
-    p.add_argument("--head-dim", type=int, default=None, help="default 64 on CUDA, 32 on CPU")
+    p.add_argument("--heads", type=int, default=None, help="default 24 on CUDA (SD3.5 Medium, FLUX.1), 4 on CPU")
+    p.add_argument("--head-dim", type=int, default=None, help="default 64 (SD3) / 128 (FLUX) on CUDA, 32 on CPU")
     p.add_argument("--joint-dim", type=int, default=None, help="prompt embedding width: 4096 on CUDA, 256 on CPU")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--blocks", nargs="+", default=["0-23", "8-15"], help="recorded block ranges, one row each")
+    p.add_argument("--blocks", nargs="+", default=None, help="recorded block ranges, one row each "
+                   "(default sd3: 0-23 8-15; flux: 0-56 19-30)")
     p.add_argument("--repeats", type=int, default=3)
     add_write_results(p)
     args = p.parse_args()
@@ -132,9 +163,10 @@ def main() -> None:
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     args.heads = args.heads or (24 if cuda else 4)
-    args.head_dim = args.head_dim or (64 if cuda else 32)
+    args.head_dim = args.head_dim or ((128 if args.family == "flux" else 64) if cuda else 32)
     args.joint_dim = args.joint_dim or (4096 if cuda else 256)
-    model = build_transformer(heads=args.heads, head_dim=args.head_dim, joint_dim=args.joint_dim,
+    args.blocks = args.blocks or (["0-56", "19-30"] if args.family == "flux" else ["0-23", "8-15"])
+    model = build_transformer(family=args.family, heads=args.heads, head_dim=args.head_dim, joint_dim=args.joint_dim,
                               image_size=args.image_size, device=device, dtype=dtype)
     rows = []
     for batch in args.batch:
@@ -148,7 +180,7 @@ def main() -> None:
                   flush=True)
     text = render(args, device, dtype, rows)
     folder = run_folder("bench_mmdit", args.write_results)
-    write_section(folder / "bench_generation.md", f"mmdit-{device.type}", text, "Generation benchmarks")
+    write_section(folder / "bench_generation.md", f"mmdit-{args.family}-{device.type}", text, "Generation benchmarks")
     print(text)
     print(f"results: {folder / 'bench_generation.md'}")
 

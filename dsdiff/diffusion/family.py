@@ -4,15 +4,19 @@
 (cross-attention at ``cross_res``, self-attention at ``self_res``). ``sd3``: Stable Diffusion 3 /
 3.5 (``SD3Transformer2DModel``, joint text-image attention), recorded by
 :mod:`dsdiff.diffusion.mmdit` with the class prompt carried as its own token stream; its maps are
-at the image-token grid, so ``cross_res`` and ``self_res`` are that grid's height.
+at the image-token grid, so ``cross_res`` and ``self_res`` are that grid's height. ``flux``:
+FLUX.1 (``FluxTransformer2DModel``), recorded by :mod:`dsdiff.diffusion.flux` the same way.
 :class:`~dsdiff.diffusion.generator.SyntheticGenerator` asks a family object for the rest.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from dsdiff.data.classes import class_words
 from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
+from dsdiff.diffusion.flux import FluxRecorder
 from dsdiff.diffusion.mmdit import JointRecorder, RecordingJointAttnProcessor, check_blocks
 from dsdiff.diffusion.pipeline import PIPELINE_FAMILIES, RECORDED, check_image_size, image_to_latent_factor
 from dsdiff.diffusion.prompts import class_token_spans
@@ -56,6 +60,11 @@ class UNetFamily:
     def prompt_kwargs(self) -> dict:
         return {}
 
+    def encode(self, texts: Sequence[str], device) -> torch.Tensor:
+        """(B, L, D) conditional text embeddings, as the pipeline computes them."""
+        return self.pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
+                                       do_classifier_free_guidance=False)[0]
+
     def install(self, store: AttentionStore, latent_hw: tuple[int, int]) -> None:
         """(Re)install the recorders when the latent size changed or someone replaced them."""
         unet = self.denoiser
@@ -82,10 +91,10 @@ class SD3Family(UNetFamily):
     def __init__(self, pipe, labels: LabelSettings, max_sequence_length: int | None = None) -> None:
         super().__init__(pipe, labels)
         if not labels.class_prompt:
-            raise SettingError(f"{SETTING}.class_prompt=false: an SD3 generator's maps come from the class-prompt "
+            raise SettingError(f"{SETTING}.class_prompt=false: a {self.name.upper()} generator's maps come from the class-prompt "
                                "stream only (the caption-token ablation is for UNet generators); set it to true")
         self.max_sequence_length = max_sequence_length
-        n_blocks = len(pipe.transformer.transformer_blocks)
+        n_blocks = len(self.recorder_class.block_list(pipe.transformer))
         self.blocks = check_blocks(labels.blocks if labels.blocks is not None else range(n_blocks), n_blocks)
         self.recorder: JointRecorder | None = None
 
@@ -94,16 +103,18 @@ class SD3Family(UNetFamily):
         return self.pipe.transformer
 
     def check_size(self, height: int, width: int) -> None:
-        factor = image_to_latent_factor(self.pipe) * self.denoiser.config.patch_size
+        self._check_grid(height, width, image_to_latent_factor(self.pipe) * self.denoiser.config.patch_size, "SD3")
+
+    def _check_grid(self, height: int, width: int, factor: int, family: str) -> None:
         for key, side in (("height", height), ("width", width)):
             if side % factor:
-                raise SettingError(f"generator.{key}={side}: an SD3 image side is a multiple of {factor} "
-                                   "(VAE factor x patch size)")
+                raise SettingError(f"generator.{key}={side}: a {family} image side is a multiple of {factor} "
+                                   "(the VAE's factor times the patch size)")
         grid = (height // factor, width // factor)
         for key in ("cross_res", "self_res"):
             if getattr(self.labels, key) != grid[0]:
                 raise SettingError(
-                    f"{SETTING}.{key}={getattr(self.labels, key)}: an SD3 generator's maps are at its image-token "
+                    f"{SETTING}.{key}={getattr(self.labels, key)}: a {family} generator's maps are at its image-token "
                     f"grid, {grid[0]}x{grid[1]} for {height}x{width} images: set {SETTING}.{key}={grid[0]}")
 
     def check_class_names(self, class_names: Sequence[str]) -> None:
@@ -125,13 +136,46 @@ class SD3Family(UNetFamily):
     def prompt_kwargs(self) -> dict:
         return {} if self.max_sequence_length is None else {"max_sequence_length": int(self.max_sequence_length)}
 
+    def encode(self, texts: Sequence[str], device) -> torch.Tensor:
+        return self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, prompt_3=None, device=device,
+                                       num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                       **self.prompt_kwargs())[0]
+
     def install(self, store: AttentionStore, latent_hw: tuple[int, int]) -> None:
         first = self.denoiser.transformer_blocks[0].attn.processor
         if self.recorder is not None and isinstance(first, RecordingJointAttnProcessor):
             return
         if self.recorder is not None:
             self.recorder.remove()
-        self.recorder = JointRecorder(self.denoiser, store, self.blocks).install()
+        self.recorder = self.recorder_class(self.denoiser, store, self.blocks).install()
+
+    recorder_class = JointRecorder
+
+
+class FluxFamily(SD3Family):
+    """FLUX.1: dual-stream then single-stream blocks (:mod:`dsdiff.diffusion.flux`); its prompt embeddings are
+    T5's alone (CLIP gives only the pooled vector), so a class name's tokens are its T5 positions."""
+
+    name = "flux"
+    components = ("transformer", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    recorder_class = FluxRecorder
+
+    def __init__(self, pipe, labels: LabelSettings, max_sequence_length: int | None = None) -> None:
+        super().__init__(pipe, labels, max_sequence_length)
+
+    def native_size(self) -> int:
+        return self.pipe.default_sample_size * self.pipe.vae_scale_factor
+
+    def check_size(self, height: int, width: int) -> None:
+        factor = 2 * self.pipe.vae_scale_factor  # the VAE, then FLUX's 2x2 latent packing
+        self._check_grid(height, width, factor, "FLUX")
+
+    def spans(self, words: Sequence[str]) -> tuple[str, list[list[int]]]:
+        return class_token_spans(self.pipe.tokenizer_2, words)
+
+    def encode(self, texts: Sequence[str], device) -> torch.Tensor:
+        return self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device, num_images_per_prompt=1,
+                                       **self.prompt_kwargs())[0]
 
 
 def family_of(pipe, labels: LabelSettings, **options):
@@ -141,6 +185,7 @@ def family_of(pipe, labels: LabelSettings, **options):
             raise SettingError("generator.max_sequence_length: the T5 prompt length of an SD3 generator; a UNet "
                                "generator's prompts are fitted to its text encoder: leave it null")
         return UNetFamily(pipe, labels)
-    if type(pipe).__name__ in PIPELINE_FAMILIES and getattr(pipe, "transformer", None) is not None:
-        return SD3Family(pipe, labels, **options)
+    family = PIPELINE_FAMILIES.get(type(pipe).__name__)
+    if family is not None and getattr(pipe, "transformer", None) is not None:
+        return {"sd3": SD3Family, "flux": FluxFamily}[family](pipe, labels, **options)
     raise TypeError(f"{type(pipe).__name__}: dsdiff records the attention of {RECORDED}")

@@ -120,6 +120,9 @@ class SyntheticGenerator:
         self.labels = LabelSettings.of(labels, **label_fields)
         options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         self.family = family_of(pipe, self.labels, **options)
+        if self.family.name == "flux" and negative_prompt:
+            raise SettingError(f"generator.negative_prompt={negative_prompt!r}: FLUX.1 is guidance-distilled and "
+                               "dsdiff runs it without a negative branch; set it to null")
         for attr in (*self.family.components, "encode_prompt"):
             if getattr(pipe, attr, None) is None:
                 raise TypeError(f"{type(pipe).__name__} has no {attr}: dsdiff needs a text-to-image pipeline "
@@ -199,9 +202,7 @@ class SyntheticGenerator:
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, L, D) conditional text embeddings, as the pipeline computes them."""
-        extra = {"prompt_2": None, "prompt_3": None, **self.family.prompt_kwargs()} if self.family.name == "sd3" else {}
-        return self.pipe.encode_prompt(prompt=list(texts), device=self.device, num_images_per_prompt=1,
-                                       do_classifier_free_guidance=False, **extra)[0]
+        return self.family.encode(texts, self.device)
 
     @contextmanager
     def recording(self, requests: Sequence[Request], height: int, width: int,

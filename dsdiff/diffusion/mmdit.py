@@ -63,6 +63,7 @@ class _ClassStream:
         self.tokens: torch.Tensor | None = None
         self.pending: dict | None = None  # the current block's normed class tokens and gates
         self.embedded: tuple[int, torch.dtype, torch.Tensor] | None = None  # (store.version, dtype, tokens)
+        self.text_len = 0  # the prompt's tokens ahead of the image's in a single-stream (FLUX) block
 
 
 class RecordingJointAttnProcessor:
@@ -159,8 +160,9 @@ class JointRecorder:
 
     def __init__(self, transformer, store: AttentionStore, blocks: Sequence[int],
                  self_blocks: Sequence[int] | None = None) -> None:
-        n = len(transformer.transformer_blocks)
         self.transformer, self.store = transformer, store
+        self.all_blocks = self.block_list(transformer)
+        n = len(self.all_blocks)
         self.blocks = check_blocks(blocks, n)
         self.self_blocks = self.blocks if self_blocks is None else check_blocks(self_blocks, n)
         self.stream = _ClassStream()
@@ -173,14 +175,21 @@ class JointRecorder:
         self._saved = dict(self.transformer.attn_processors)
         last = max(self.blocks[-1], self.self_blocks[-1])
         for i in range(last + 1):
-            block = self.transformer.transformer_blocks[i]
+            block = self.all_blocks[i]
             record = tuple(k for k, chosen in (("cross", self.blocks), ("self", self.self_blocks)) if i in chosen)
             advance = i < self.blocks[-1]  # the class stream is needed only up to the last cross block
-            block.attn.set_processor(RecordingJointAttnProcessor(self.store, self.stream, block, record, advance,
-                                                                 f"transformer_blocks.{i}"))
+            block.attn.set_processor(self.processor(i, block, record, advance))
             self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i, block), with_kwargs=True))
             self._hooks.append(block.register_forward_hook(self._post_hook(block)))
         return self
+
+    @staticmethod
+    def block_list(transformer) -> list:
+        """The blocks ``generator.labels.blocks`` indexes, in the order they run."""
+        return list(transformer.transformer_blocks)
+
+    def processor(self, index: int, block, record: tuple[str, ...], advance: bool):
+        return RecordingJointAttnProcessor(self.store, self.stream, block, record, advance, f"transformer_blocks.{index}")
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -234,7 +243,7 @@ class JointRecorder:
     def _post_hook(self, block):
         def hook(module, args, output):
             pending, self.stream.pending = self.stream.pending, None
-            if pending is None or "attn_out" not in pending or block.context_pre_only:
+            if pending is None or "attn_out" not in pending or getattr(block, "context_pre_only", False):
                 return None
             gate_msa, shift_mlp, scale_mlp, gate_mlp = pending["gates"]
             tokens = self.stream.tokens + gate_msa.unsqueeze(1) * pending["attn_out"]

@@ -79,12 +79,12 @@ def check_scheduler(name: str | None) -> None:
         raise SettingError(f"unknown scheduler {name!r} (generator.scheduler): use one of {sorted(SCHEDULERS)} or null (the checkpoint's own)")
 
 
-RECORDED = "UNet pipelines (Stable Diffusion 1.x/2.x, SDXL) and StableDiffusion3Pipeline (SD3, SD3.5)"
-PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3"}
+RECORDED = "UNet pipelines (Stable Diffusion 1.x/2.x, SDXL), StableDiffusion3Pipeline (SD3, SD3.5) and FluxPipeline (FLUX.1)"
+PIPELINE_FAMILIES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 def pipeline_family(config: Mapping, model: object) -> str:
-    """``unet`` or ``sd3`` from a ``model_index.json``; any other pipeline is refused, naming itself."""
+    """``unet``, ``sd3`` or ``flux`` from a ``model_index.json``; any other pipeline is refused, naming itself."""
     if "unet" in config:
         return "unet"
     name = config.get("_class_name")

@@ -76,3 +76,50 @@ def save_tiny_sd3_pipeline(out_dir, **kwargs):
     out_dir = Path(out_dir)
     build_tiny_sd3_pipeline(**kwargs).save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_flux_pipeline(*, image_size: int = 64, num_layers: int = 2, num_single_layers: int = 2, heads: int = 2,
+                             head_dim: int = 16, text_dim: int = 16, t5_dim: int = 32, t5_length: int = 32,
+                             words: Sequence[str] = TINY_WORDS, seed: int = 0):
+    """A random-weight ``FluxPipeline`` (FLUX.1-schnell's layout, no guidance embedding): a x8 VAE with 4
+    latent channels packed 2x2 (a 64 px image is a 4x4 token grid), ``num_layers`` dual-stream and
+    ``num_single_layers`` single-stream blocks with rotary embeddings, CLIP (pooled) and T5."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words)
+    tokenizer_2 = build_t5_tokenizer(words, t5_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=37, num_attention_heads=2,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0,
+    )).eval()
+    rope = (head_dim // 4, head_dim // 4 + head_dim // 8, head_dim - head_dim // 2 - head_dim // 8)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=t5_dim,
+        pooled_projection_dim=text_dim, guidance_embeds=False, axes_dims_rope=rope,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4, norm_num_groups=2, sample_size=image_size, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+    ).eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+
+
+def save_tiny_flux_pipeline(out_dir, **kwargs):
+    """Build a tiny FLUX pipeline and ``save_pretrained`` it."""
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    build_tiny_flux_pipeline(**kwargs).save_pretrained(out_dir)
+    return out_dir

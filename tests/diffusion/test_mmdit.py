@@ -128,9 +128,10 @@ def test_a_pipeline_dsdiff_cannot_record_names_itself():
 
     assert pipeline_family({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "x"]}, "m") == "sd3"
     assert pipeline_family({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "x"]}, "m") == "unet"
-    with pytest.raises(SettingError, match=r"generator\.model=black-forest-labs/FLUX.1-schnell is a FluxPipeline"):
-        pipeline_family({"_class_name": "FluxPipeline", "transformer": ["diffusers", "x"]},
-                        "black-forest-labs/FLUX.1-schnell")
+    assert pipeline_family({"_class_name": "FluxPipeline", "transformer": ["diffusers", "x"]}, "m") == "flux"
+    with pytest.raises(SettingError, match=r"generator\.model=PixArt-alpha/PixArt-XL-2-512x512 is a PixArtAlphaPipeline"):
+        pipeline_family({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "x"]},
+                        "PixArt-alpha/PixArt-XL-2-512x512")
 
 
 def test_sd3_only_settings_are_refused_on_a_unet_generator(tiny_pipeline_dir):

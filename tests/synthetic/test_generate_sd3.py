@@ -1,5 +1,5 @@
-"""`dsdiff.generate generator=sd3` on a tiny random-weight SD3 folder: labelled samples whose images are
-plain diffusers' for the same groups, resumable, identical under two-process DDP."""
+"""`dsdiff.generate generator=sd3` (and `generator=flux`) on tiny random-weight folders: labelled samples whose
+images are plain diffusers' for the same groups, resumable, identical under two-process DDP."""
 from __future__ import annotations
 
 import json
@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from dsdiff.synthetic.store import SyntheticStore
-from dsdiff.testing.tiny_sd3 import save_tiny_sd3_pipeline
+from dsdiff.testing.tiny_sd3 import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 from tests.synthetic.conftest import cli_env
 
 T5_LENGTH = 32
-SD3_ARGS = ["generator=sd3", "generator.num_inference_steps=2", "generator.labels.cross_res=4",
+SD3_ARGS = ["generator.num_inference_steps=2", "generator.labels.cross_res=4",
             "generator.labels.self_res=4", "generator.labels.tau=1", f"generator.max_sequence_length={T5_LENGTH}",
             "synthetic.filters.drop_empty=false", "prompts=default", "synthetic.image_format=png"]
 
@@ -29,9 +29,10 @@ def tiny_sd3(tmp_path_factory):
     return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3") / "pipeline", t5_length=T5_LENGTH)
 
 
-def cmd(model, out, run_dir, n, *extra):
-    return [sys.executable, "-m", "dsdiff.generate", "+experiment=voc_deeplab", "debug=fast", f"generator.model={model}",
-            f"synthetic.num_images={n}", f"synthetic.dir={out}", f"hydra.run.dir={run_dir}", *SD3_ARGS, *extra]
+def cmd(model, out, run_dir, n, *extra, family="sd3"):
+    return [sys.executable, "-m", "dsdiff.generate", "+experiment=voc_deeplab", "debug=fast", f"generator={family}",
+            f"generator.model={model}", f"synthetic.num_images={n}", f"synthetic.dir={out}", f"hydra.run.dir={run_dir}",
+            *SD3_ARGS, *extra]
 
 
 def run(*args, timeout=300, **kw):
@@ -122,5 +123,26 @@ def test_score_labels_with_an_sd3_generator_is_refused_before_anything_is_writte
                            f"hydra.run.dir={tmp_path / 'run'}", f"paths.log_dir={tmp_path / 'logs'}"],
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "is an sd3 generator: score_labels noises real images for a UNet" in proc.stderr
+    assert "(SD3 pipeline): score_labels noises real images for a UNet" in proc.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_flux_generation_writes_labelled_samples_whose_images_are_plain_diffusers(tmp_path_factory, tmp_path):
+    from diffusers import FluxPipeline
+
+    model = save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipeline", t5_length=T5_LENGTH)
+    out, n = tmp_path / "syn", 2
+    proc = subprocess.run(cmd(model, out, tmp_path / "run", n, "generator.height=64", "generator.width=64",
+                              family="flux"), env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = SyntheticStore(out)
+    entries = store.entries()
+    assert json.loads((out / "dataset.json").read_text())["generator"]["guidance_scale"] == 0.0  # flux.yaml's
+    pipe = FluxPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([e["prompt"] for e in entries], num_inference_steps=2, guidance_scale=0.0, height=64, width=64,
+                  generator=[torch.Generator().manual_seed(e["seed"]) for e in entries], output_type="np",
+                  max_sequence_length=T5_LENGTH).images
+    for e, image in zip(entries, images):
+        assert np.array_equal(pixels(store, e, "image"), (image * 255).round().clip(0, 255).astype(np.uint8))
+        assert set(np.unique(pixels(store, e, "mask"))) <= {0, 255, *e["class_ids"]}
