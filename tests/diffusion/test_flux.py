@@ -11,7 +11,7 @@ from dsdiff.data.classes import VOC_CLASSES
 from dsdiff.diffusion.attention import AttentionStore
 from dsdiff.diffusion.flux import FluxRecorder
 from dsdiff.diffusion.generator import SyntheticGenerator
-from dsdiff.testing.tiny_sd3 import build_tiny_flux_pipeline
+from dsdiff.testing.tiny_mmdit import build_tiny_flux_pipeline
 from dsdiff.utils.errors import SettingError
 
 T5_LENGTH = 32

@@ -8,7 +8,7 @@ import torch
 from dsdiff.diffusion import mmdit
 from dsdiff.diffusion.attention import AttentionStore
 from dsdiff.diffusion.mmdit import JointRecorder
-from dsdiff.testing.tiny_sd3 import build_tiny_sd3_pipeline
+from dsdiff.testing.tiny_mmdit import build_tiny_sd3_pipeline
 from dsdiff.utils.errors import SettingError
 
 T5_LENGTH = 32

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dsdiff.synthetic.store import SyntheticStore
-from dsdiff.testing.tiny_sd3 import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
+from dsdiff.testing.tiny_mmdit import save_tiny_flux_pipeline, save_tiny_sd3_pipeline
 from tests.synthetic.conftest import cli_env
 
 T5_LENGTH = 32

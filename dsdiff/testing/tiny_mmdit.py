@@ -1,6 +1,6 @@
-"""A tiny random-weight Stable Diffusion 3 pipeline built offline from configs (tests, benchmarks).
+"""Tiny random-weight Stable Diffusion 3 and FLUX.1 pipelines built offline from configs (tests, benchmarks).
 
-Its three text encoders are the real classes (two ``CLIPTextModelWithProjection``, one
+SD3's three text encoders are the real classes (two ``CLIPTextModelWithProjection``, one
 ``T5EncoderModel``) with tiny configs; the CLIP tokenizers are the tiny BPE of
 :mod:`dsdiff.testing.tiny_sd` and the T5 tokenizer a real Unigram ``T5Tokenizer`` over the same
 words, so class names fall on different token offsets in CLIP and in T5, as in SD3.
