@@ -8,7 +8,10 @@ One run measures, side by side on the same pipeline, seeds and steps:
 2. ``attention_to_labels`` with iterated products (dsdiff) vs ``torch.linalg.matrix_power``
    at N = 1024 and 4096 self-attention positions (N = 1024 is SD's 32x32 map: the labels'
    cost per image);
-3. optional speed switches, each against the same run without it: channels-last UNet
+3. optionally (``--original DIR``, a checkout of the original repository fetched by you), the original's
+   recorder and label rule on the same UNet, prompts and seeds: time, peak memory, stored-map volume
+   per image and label agreement (``experiments/_original.py``; nothing of it is copied into dsdiff);
+4. optional speed switches, each against the same run without it: channels-last UNet
    (``--channels-last``), ``torch.compile`` of the UNet with the recorders installed
    (``--compile``), and larger batches for dsdiff alone (``--probe-batches``).
 Targets (GPU): recording <= 1.05x time and <= 1.10x peak memory of plain diffusers.
@@ -417,6 +420,9 @@ def main() -> None:
     p.add_argument("--profile", type=Path, default=None, help="write torch.profiler tables of one plain and one "
                    "dsdiff batch (first batch size) to this folder")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager': a quick logic check)")
+    p.add_argument("--original", type=Path, default=None, help="a checkout of the original repository "
+                   "(github.com/VinAIResearch/Dataset-Diffusion): also run its recorder side by side (time, peak "
+                   "memory, stored maps, label agreement); see experiments/_original.py")
     p.add_argument("--probe-batches", type=int, nargs="*", default=[], help="dsdiff alone at these larger batches")
     p.add_argument("--probe-repeats", type=int, default=1, help="timed runs per probe batch")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a shared machine)")
@@ -458,6 +464,13 @@ def main() -> None:
     for batch in args.batch:
         gen_rows += compare(pipe, gen, args, device, batch, "baseline")
         save()
+    if args.original:
+        from _original import compare_original, render_original
+
+        results = [compare_original(pipe, gen, args, device, batch, PROMPTS) for batch in args.batch]
+        write_section(args.out, f"bench_generation:{device.type}:{args.arch}:original", render_original(args, results),
+                      "bench_generation")
+        print(render_original(args, results))
     if args.decompose and dtype == torch.float16:
         census["fp16_vs_fp32_scores"] = score_precision(pipe, gen, args.batch[-1])
         print(f"  fp16 vs fp32 scores: {census['fp16_vs_fp32_scores']}", flush=True)

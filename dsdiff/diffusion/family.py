@@ -30,6 +30,10 @@ class UNetFamily:
     components = ("unet", "tokenizer", "text_encoder")
 
     def __init__(self, pipe, labels: LabelSettings) -> None:
+        if labels.maps != "attention" and getattr(pipe, "unet", None) is not None:
+            raise SettingError(f"{SETTING}.maps={labels.maps}: output-space maps need the class tokens' attention "
+                               "outputs, which an SD3 or FLUX generator computes and a UNet generator does not: "
+                               "leave maps=attention")
         if labels.blocks is not None and getattr(pipe, "unet", None) is not None:
             raise SettingError(f"{SETTING}.blocks={list(labels.blocks)}: picks the joint blocks of an SD3 generator; "
                                f"this UNet generator records by resolution ({SETTING}.cross_res / self_res): "
@@ -147,7 +151,7 @@ class SD3Family(UNetFamily):
             return
         if self.recorder is not None:
             self.recorder.remove()
-        self.recorder = self.recorder_class(self.denoiser, store, self.blocks).install()
+        self.recorder = self.recorder_class(self.denoiser, store, self.blocks, maps=self.labels.maps).install()
 
     recorder_class = JointRecorder
 

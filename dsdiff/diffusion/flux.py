@@ -29,6 +29,7 @@ class RecordingFluxAttnProcessor:
                  name: str = "") -> None:
         self.recorder, self.store, self.stream = recorder, recorder.store, recorder.stream
         self.block, self.record, self.advance, self.single, self.name = block, record, advance, single, name
+        self.output_maps = recorder.maps == "output" and "cross" in record
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
@@ -49,12 +50,15 @@ class RecordingFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
+        text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.stream.text_len
         if self.store.recording and (self.record or self.advance):
-            text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.stream.text_len
             self._class_side(attn, query[:, text:], key[:, text:], value[:, text:])
 
         hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                               backend=self._attention_backend, parallel_config=self._parallel_config)
+        if self.output_maps and self.store.recording and self.stream.pending is not None:
+            out_img = hidden_states[-self.store.batch_size:, text:].transpose(1, 2)  # (B, H, N, d)
+            self.store.add("cross", _row_chunked_probs(out_img, self.stream.pending["raw_out"], attn.head_dim**-0.5))
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
         if encoder_hidden_states is not None:
@@ -84,13 +88,14 @@ class RecordingFluxAttnProcessor:
             proj_q, proj_k, proj_v = attn.add_q_proj, attn.add_k_proj, attn.add_v_proj
             norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
         k_cls = norm_k(proj_k(normed).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)
-        if "cross" in self.record:
+        if "cross" in self.record and not self.output_maps:
             self.store.add("cross", _row_chunked_probs(q_img, k_cls, attn.head_dim**-0.5))
-        if self.advance:
+        if self.advance or self.output_maps:
             q_cls = norm_q(proj_q(normed).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)
             v_cls = proj_v(normed).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
             out = torch.nn.functional.scaled_dot_product_attention(
                 q_cls, torch.cat([k_img, k_cls], 2), torch.cat([v_img, v_cls], 2))
+            self.stream.pending["raw_out"] = out  # (B, H, L, d), before any output projection
             out = out.transpose(1, 2).flatten(2, 3)
             self.stream.pending["attn_out"] = out if self.single else attn.to_add_out(out)
 

@@ -27,6 +27,11 @@ from dsdiff.diffusion.attention import CHUNK_BYTES, AttentionStore
 from dsdiff.utils.errors import SettingError
 
 
+# "attention": image queries against the class prompt's keys; "output": ConceptAttention's maps, the image
+# tokens' attention outputs against the class tokens' (both before the output projection), same softmax
+MAPS = ("attention", "output")
+
+
 def _row_chunked_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(Q K^T * scale) in fp32 averaged over heads, (B, H, N, d) x (B, H, L, d) -> (B, N, L),
     computed over query rows in chunks whose (B, H, n, L) scores stay under ``CHUNK_BYTES``."""
@@ -74,9 +79,10 @@ class RecordingJointAttnProcessor:
     """
 
     def __init__(self, store: AttentionStore, stream: _ClassStream, block, record: tuple[str, ...],
-                 advance: bool, name: str = "") -> None:
+                 advance: bool, name: str = "", output_maps: bool = False) -> None:
         self.store, self.stream, self.block = store, stream, block
         self.record, self.advance, self.name = record, advance, name
+        self.output_maps = output_maps and "cross" in record  # cross maps in the attention-output space
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
@@ -112,6 +118,10 @@ class RecordingJointAttnProcessor:
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
+        if self.output_maps and self.store.recording and self.stream.pending is not None:
+            b, n = self.store.batch_size, residual.shape[1]
+            out_img = hidden_states[-b:, :n].reshape(b, n, attn.heads, head_dim).transpose(1, 2)
+            self.store.add("cross", _row_chunked_probs(out_img, self.stream.pending["raw_out"], attn.scale))
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = (
                 hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:],
@@ -139,15 +149,17 @@ class RecordingJointAttnProcessor:
         k_cls = attn.add_k_proj(normed).view(*heads).transpose(1, 2)
         if attn.norm_added_k is not None:
             k_cls = attn.norm_added_k(k_cls)
-        if "cross" in self.record:
+        if "cross" in self.record and not self.output_maps:
             self.store.add("cross", _row_chunked_probs(q_img, k_cls, attn.scale))
-        if self.advance:  # class queries over [image, class] keys: the image never sees the class tokens
+        if self.advance or self.output_maps:  # class queries over [image, class] keys: the image never sees them
             q_cls = attn.add_q_proj(normed).view(*heads).transpose(1, 2)
             v_cls = attn.add_v_proj(normed).view(*heads).transpose(1, 2)
             if attn.norm_added_q is not None:
                 q_cls = attn.norm_added_q(q_cls)
             out = F.scaled_dot_product_attention(q_cls, torch.cat([k_img, k_cls], 2), torch.cat([v_img, v_cls], 2))
-            self.stream.pending["attn_out"] = attn.to_add_out(out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim))
+            self.stream.pending["raw_out"] = out  # (B, H, L, d), before the output projection
+            if self.advance:
+                self.stream.pending["attn_out"] = attn.to_add_out(out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim))
 
 
 class JointRecorder:
@@ -159,7 +171,10 @@ class JointRecorder:
     """
 
     def __init__(self, transformer, store: AttentionStore, blocks: Sequence[int],
-                 self_blocks: Sequence[int] | None = None) -> None:
+                 self_blocks: Sequence[int] | None = None, maps: str = "attention") -> None:
+        if maps not in MAPS:
+            raise SettingError(f"generator.labels.maps={maps!r}: use one of {list(MAPS)}")
+        self.maps = maps
         self.transformer, self.store = transformer, store
         self.all_blocks = self.block_list(transformer)
         n = len(self.all_blocks)
@@ -189,7 +204,8 @@ class JointRecorder:
         return list(transformer.transformer_blocks)
 
     def processor(self, index: int, block, record: tuple[str, ...], advance: bool):
-        return RecordingJointAttnProcessor(self.store, self.stream, block, record, advance, f"transformer_blocks.{index}")
+        return RecordingJointAttnProcessor(self.store, self.stream, block, record, advance, f"transformer_blocks.{index}",
+                                           output_maps=self.maps == "output")
 
     def remove(self) -> None:
         for hook in self._hooks:

@@ -48,7 +48,9 @@ class LabelSettings:
     calls, which PNDM makes one more of than steps: ``[0, 1]`` records all 101 of 100 PNDM steps, as the original).
     ``class_prompt=False`` takes the maps from the prompt's own class-word tokens (an ablation).
     ``blocks`` picks the joint blocks an SD3 generator records (indices, or ``"START-END"``
-    inclusive; None: all of them); a UNet generator has no blocks to pick and refuses it.
+    inclusive; None: all of them); a UNet generator has no blocks to pick and refuses it. ``maps`` is
+    ``"attention"`` (image queries against the class prompt's keys) or, for SD3 and FLUX, ``"output"``
+    (ConceptAttention's maps: the image tokens' attention outputs against the class tokens').
     """
 
     tau: int = 4
@@ -59,6 +61,7 @@ class LabelSettings:
     window: tuple[float, float] = (0.0, 1.0)
     class_prompt: bool = True
     blocks: tuple[int, ...] | None = None
+    maps: str = "attention"
 
     def __post_init__(self) -> None:
         if self.blocks is not None:
@@ -79,6 +82,9 @@ class LabelSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise SettingError(f"{SETTING}.{name}={value!r}: a threshold on the class maps, a number in [0, 1]")
+        if self.maps not in ("attention", "output"):
+            raise SettingError(f"{SETTING}.maps={self.maps!r}: \"attention\" (queries against the class prompt's keys) "
+                               "or \"output\" (attention outputs, SD3 and FLUX generators only)")
         if not isinstance(self.class_prompt, bool):
             raise SettingError(f"{SETTING}.class_prompt={self.class_prompt!r}: true (maps from the class prompt) or false "
                                "(from the caption's own class-word tokens)")
@@ -110,6 +116,8 @@ class LabelSettings:
             del out["blocks"]
         else:
             out["blocks"] = list(out["blocks"])
+        if out["maps"] == "attention":  # the default, as folders made before the setting existed
+            del out["maps"]
         return out
 
     def manifest_fields(self) -> dict[str, Any]:

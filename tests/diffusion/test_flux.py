@@ -125,3 +125,17 @@ def test_flux_generator_labels_and_refuses_a_negative_prompt(pipe):
         SyntheticGenerator(pipe, VOC_CLASSES, height=64, width=64, cross_res=4, self_res=4, negative_prompt="ugly")
     with pytest.raises(SettingError, match=r"generator\.labels\.blocks=\[0, 4\]: this transformer has blocks 0\.\.3"):
         SyntheticGenerator(pipe, VOC_CLASSES, height=64, width=64, cross_res=4, self_res=4, blocks=[0, 4])
+
+
+def test_flux_output_space_maps_leave_the_image_alone_and_are_distributions(pipe):
+    prompts = ["a cat on the grass"]
+    store = AttentionStore()
+    store.reset(class_embeds(pipe, ["cat"]))
+    with FluxRecorder(pipe.transformer, store, [1, 3], maps="output"):
+        images = generate(pipe, prompts)
+    assert torch.equal(images, generate(pipe, prompts))
+    maps = store.mean("cross")
+    assert maps.shape == (1, 16, T5_LENGTH) and store.cross_count == 2 * 2
+    torch.testing.assert_close(maps.sum(-1), torch.ones(1, 16), rtol=0, atol=1e-5)
+    _, attention_store = recorded(pipe, prompts, ["cat"], blocks=[1, 3])
+    assert not torch.allclose(maps, attention_store.mean("cross"), atol=1e-3)  # another map, not the same one

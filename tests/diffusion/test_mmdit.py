@@ -152,3 +152,51 @@ def test_sd3_maps_must_be_at_the_token_grid(pipe):
         SyntheticGenerator(pipe, VOC_CLASSES)
     with pytest.raises(SettingError, match=r"generator\.labels\.class_prompt=false"):
         SyntheticGenerator(pipe, VOC_CLASSES, cross_res=4, self_res=4, class_prompt=False)
+
+
+@torch.no_grad()
+def test_output_space_maps_are_the_direct_softmax_of_the_attention_outputs(pipe):
+    """maps=output (ConceptAttention): the image tokens' attention outputs against the class tokens', both
+    before the output projection, head-mean softmax over the class tokens; the image is unchanged."""
+    prompts, classes = ["a cat on the grass"], ["cat"]
+    seen, hook = _inputs_of(pipe, 0)
+    store = AttentionStore()
+    store.reset(class_embeds(pipe, classes))
+    try:
+        with JointRecorder(pipe.transformer, store, [0], maps="output"):
+            images = generate(pipe, prompts)
+    finally:
+        hook.remove()
+    assert torch.equal(images, generate(pipe, prompts))
+    block = pipe.transformer.transformer_blocks[0]
+    attn, d = block.attn, block.attn.inner_dim // block.attn.heads
+    c0 = pipe.transformer.context_embedder(class_embeds(pipe, classes))
+
+    def heads(x):
+        return x.view(1, -1, attn.heads, d).transpose(1, 2)
+
+    want = 0
+    for x in seen:
+        cond = slice(-1, None)
+        temb = x["temb"][cond]
+        img = block.norm1(x["hidden_states"][cond], emb=temb)[0]
+        ctx = block.norm1_context(x["encoder_hidden_states"][cond], emb=temb)[0]
+        cls = block.norm1_context(c0, emb=temb)[0]
+        q_i, k_i, v_i = heads(attn.to_q(img)), heads(attn.to_k(img)), heads(attn.to_v(img))
+        k_p, v_p = heads(attn.add_k_proj(ctx)), heads(attn.add_v_proj(ctx))
+        q_c, k_c, v_c = heads(attn.add_q_proj(cls)), heads(attn.add_k_proj(cls)), heads(attn.add_v_proj(cls))
+        assert attn.norm_q is None and attn.norm_added_k is None  # the kit's SD3 has no q/k norms
+        out_img = torch.softmax(q_i @ torch.cat([k_i, k_p], 2).transpose(-1, -2) / d**0.5, -1) @ torch.cat([v_i, v_p], 2)
+        out_cls = torch.softmax(q_c @ torch.cat([k_i, k_c], 2).transpose(-1, -2) / d**0.5, -1) @ torch.cat([v_i, v_c], 2)
+        want = want + torch.softmax(out_img @ out_cls.transpose(-1, -2) / d**0.5, -1).mean(1)
+    torch.testing.assert_close(store.mean("cross"), want / len(seen), rtol=0, atol=1e-5)
+
+
+def test_output_maps_are_refused_on_a_unet_generator(tiny_pipeline_dir):
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+
+    with pytest.raises(SettingError, match=r"generator\.labels\.maps=output"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", maps="output")
+    with pytest.raises(SettingError, match=r"generator\.labels\.maps='outputs'"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", maps="outputs")
