@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -34,7 +32,7 @@ from dsdiff.diffusion.flux import FluxRecorder
 from dsdiff.diffusion.mmdit import JointRecorder
 
 from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
-from bench_generation import PeakMemory  # noqa: E402
+from bench_generation import PeakMemory, _median_time as timed  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT_TOKENS = {"sd3": 77 + 256, "flux": 256}
@@ -57,20 +55,6 @@ def build_transformer(*, family: str, heads: int, head_dim: int, joint_dim: int,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * joint_dim // 4,
         pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
     ).to(device=device, dtype=dtype).eval()
-
-
-def timed(fn, repeats: int, device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def inputs(model, args, device, dtype, batch: int):
