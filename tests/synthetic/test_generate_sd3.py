@@ -29,6 +29,22 @@ def tiny_sd3(tmp_path_factory):
     return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3") / "pipeline", t5_length=T5_LENGTH)
 
 
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipeline", t5_length=T5_LENGTH)
+
+
+FLUX_ARGS = ("generator.height=64", "generator.width=64")
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def family(request, tiny_sd3, tiny_flux):
+    """(model folder, family, extra overrides) of each MMDiT kit."""
+    if request.param == "sd3":
+        return tiny_sd3, "sd3", ()
+    return tiny_flux, "flux", FLUX_ARGS
+
+
 def cmd(model, out, run_dir, n, *extra, family="sd3"):
     return [sys.executable, "-m", "dsdiff.generate", "+experiment=voc_deeplab", "debug=fast", f"generator={family}",
             f"generator.model={model}", f"synthetic.num_images={n}", f"synthetic.dir={out}", f"hydra.run.dir={run_dir}",
@@ -81,12 +97,13 @@ def test_a_blocks_setting_out_of_range_is_refused_before_anything_is_written(tin
 
 
 @pytest.mark.slow
-def test_killed_sd3_generation_resumes_to_the_uninterrupted_folder(tiny_sd3, tmp_path):
+def test_killed_generation_resumes_to_the_uninterrupted_folder(family, tmp_path):
+    model, name, extra = family
     n = 6
-    run(tiny_sd3, tmp_path / "whole", tmp_path / "run0", n, "generator.batch_size=1")
+    run(model, tmp_path / "whole", tmp_path / "run0", n, "generator.batch_size=1", *extra, family=name)
     out = tmp_path / "syn"
-    proc = subprocess.Popen(cmd(tiny_sd3, out, tmp_path / "run1", n, "generator.batch_size=1"), env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd(model, out, tmp_path / "run1", n, "generator.batch_size=1", *extra, family=name),
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while (len(SyntheticStore(out).entries()) if (out / "dataset.json").exists() else 0) < 2 \
             and time.time() < deadline and proc.poll() is None:
@@ -95,7 +112,7 @@ def test_killed_sd3_generation_resumes_to_the_uninterrupted_folder(tiny_sd3, tmp
     proc.wait()
     before = len(SyntheticStore(out).entries())
     assert 2 <= before < n, f"the kill came too late to test resuming ({before} of {n} done)"
-    run(tiny_sd3, out, tmp_path / "run2", n, "generator.batch_size=1")
+    run(model, out, tmp_path / "run2", n, "generator.batch_size=1", *extra, family=name)
     whole, resumed = SyntheticStore(tmp_path / "whole"), SyntheticStore(out)
     assert [e["id"] for e in resumed.entries()] == [e["id"] for e in whole.entries()]
     for a, b in zip(whole.entries(), resumed.entries()):
@@ -104,12 +121,13 @@ def test_killed_sd3_generation_resumes_to_the_uninterrupted_folder(tiny_sd3, tmp
 
 
 @pytest.mark.slow
-def test_two_process_sd3_generation_makes_the_one_process_folder(tiny_sd3, tmp_path):
+def test_two_process_generation_makes_the_one_process_folder(family, tmp_path):
+    model, name, extra = family
     n = 4
-    run(tiny_sd3, tmp_path / "one", tmp_path / "run1", n, "generator.batch_size=1")
-    run(tiny_sd3, tmp_path / "two", tmp_path / "run2", n, "generator.batch_size=1", "trainer=ddp",
+    run(model, tmp_path / "one", tmp_path / "run1", n, "generator.batch_size=1", *extra, family=name)
+    run(model, tmp_path / "two", tmp_path / "run2", n, "generator.batch_size=1", "trainer=ddp",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.sync_batchnorm=false",
-        timeout=600)
+        *extra, family=name, timeout=600)
     one, two = SyntheticStore(tmp_path / "one"), SyntheticStore(tmp_path / "two")
     assert [e["id"] for e in one.entries()] == [e["id"] for e in two.entries()]
     for a, b in zip(one.entries(), two.entries()):
@@ -127,13 +145,13 @@ def test_score_labels_with_an_sd3_generator_is_refused_before_anything_is_writte
     assert not (tmp_path / "logs").exists()
 
 
-def test_flux_generation_writes_labelled_samples_whose_images_are_plain_diffusers(tmp_path_factory, tmp_path):
+def test_flux_generation_writes_labelled_samples_whose_images_are_plain_diffusers(tiny_flux, tmp_path):
     from diffusers import FluxPipeline
 
-    model = save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipeline", t5_length=T5_LENGTH)
+    model = tiny_flux
     out, n = tmp_path / "syn", 2
-    proc = subprocess.run(cmd(model, out, tmp_path / "run", n, "generator.height=64", "generator.width=64",
-                              family="flux"), env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd(model, out, tmp_path / "run", n, *FLUX_ARGS, family="flux"), env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = SyntheticStore(out)
     entries = store.entries()
