@@ -29,8 +29,6 @@ from dsdiff.diffusion.pipeline import (
     check_class_names,
     generator_source,
     load_tokenizer,
-    pipeline_config,
-    pipeline_family,
 )
 from dsdiff.score.plan import (
     ScoreSettings,
@@ -67,11 +65,6 @@ def check_scoring(cfg: DictConfig) -> tuple[ScoreSettings, Any]:
                            "set data.tune (e.g. the dataset's default: 300 train images for VOC)")
     check_roots({"tune": cfg.data.tune})
     generator_source(cfg.generator.model)
-    family = pipeline_family(pipeline_config(cfg.generator.model), cfg.generator.model)
-    if family != "unet":
-        raise SettingError(f"generator.model={cfg.generator.model} ({family.upper()} pipeline): score_labels noises real "
-                           "images for a UNet, which it has not; score with a UNet generator (generator=sd21), or "
-                           "compare SD3 or FLUX label settings by training on their synthetic folders")
     return settings, labels
 
 

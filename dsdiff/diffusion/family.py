@@ -145,6 +145,26 @@ class SD3Family(UNetFamily):
                                        num_images_per_prompt=1, do_classifier_free_guidance=False,
                                        **self.prompt_kwargs())[0]
 
+    # -- real images (dsdiff.diffusion.real_images): flow matching noises x0 as (1 - s) x0 + s noise, s = t / T
+    def condition(self, texts: Sequence[str], device) -> dict:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(texts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, **self.prompt_kwargs())
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> the transformer's latents: the VAE's mean, shifted and scaled as the pipeline
+        undoes them before decoding."""
+        vae = self.pipe.vae
+        latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        return (latent - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def noised_forward(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, cond: dict) -> None:
+        sigma = timestep / self.pipe.scheduler.config.num_train_timesteps
+        noised = ((1.0 - sigma) * latents + sigma * noise).to(self.denoiser.dtype)
+        t = torch.full((len(latents),), float(timestep), device=latents.device)
+        self.denoiser(hidden_states=noised, timestep=t, return_dict=False, **cond)
+
     def install(self, store: AttentionStore, latent_hw: tuple[int, int]) -> None:
         first = self.denoiser.transformer_blocks[0].attn.processor
         if self.recorder is not None and isinstance(first, RecordingJointAttnProcessor):
@@ -180,6 +200,26 @@ class FluxFamily(SD3Family):
     def encode(self, texts: Sequence[str], device) -> torch.Tensor:
         return self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device, num_images_per_prompt=1,
                                        **self.prompt_kwargs())[0]
+
+    def condition(self, texts: Sequence[str], device) -> dict:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device,
+                                                           num_images_per_prompt=1, **self.prompt_kwargs())
+        cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids}
+        if self.denoiser.config.guidance_embeds:  # FLUX.1 [dev]: the distilled guidance strength
+            cond["guidance"] = torch.full((len(texts),), self.DEV_GUIDANCE, device=device)
+        return cond
+
+    DEV_GUIDANCE = 3.5  # FLUX.1 [dev]'s model-card guidance scale, for its embedded guidance on real images
+
+    def noised_forward(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, cond: dict) -> None:
+        """FLUX packs 2x2 latent patches into tokens with position ids, and takes the timestep as s in [0, 1]."""
+        sigma = timestep / self.pipe.scheduler.config.num_train_timesteps
+        b, c, h, w = latents.shape
+        noised = ((1.0 - sigma) * latents + sigma * noise).to(self.denoiser.dtype)
+        packed = self.pipe._pack_latents(noised, b, c, h, w)
+        img_ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, noised.dtype)
+        t = torch.full((b,), sigma, device=latents.device, dtype=noised.dtype)
+        self.denoiser(hidden_states=packed, timestep=t, img_ids=img_ids, return_dict=False, **cond)
 
 
 def family_of(pipe, labels: LabelSettings, **options):

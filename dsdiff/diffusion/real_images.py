@@ -1,4 +1,4 @@
-"""Attention on given (real) images: noise them, run the UNet once per timestep, label them.
+"""Attention on given (real) images: noise them, run the UNet (or SD3 / FLUX transformer) once per timestep, label them.
 
 The same recorders, class-prompt cross-attention and attention-to-label rule as generation
 (docs/method.md), but the image is given instead of sampled, so the maps can be scored
@@ -15,7 +15,6 @@ from dsdiff.diffusion.generator import Sample, SyntheticGenerator
 from dsdiff.diffusion.pipeline import image_to_latent_factor, is_pixel_space
 from dsdiff.diffusion.pixels import pack
 from dsdiff.diffusion.prompts import PromptRecord
-from dsdiff.utils.errors import SettingError
 
 
 def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
@@ -52,8 +51,7 @@ def attention_on_images(
     if not timesteps:
         raise ValueError("timesteps is empty: pass e.g. [200, 400, 600]")
     if gen.family.name != "unet":
-        raise SettingError(f"scoring labels on real images noises them for a UNet; this generator is "
-                           f"{gen.family.name}: use a UNet generator (generator=sd21 or shapes) for real-image scores")
+        return _transformer_attention(gen, images, prompts, timesteps, seed, return_attention, class_prompt)
     pipe, device = gen.pipe, gen.device
     height, width = images.shape[1:3]
     requests = gen.requests(prompts)
@@ -67,6 +65,27 @@ def attention_on_images(
             t_batch = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
             pipe.unet(pipe.scheduler.add_noise(latents, noise, t_batch), t_batch, encoder_hidden_states=text_embeds)
         rec.read()
+    return _samples(gen, images, requests, rec, timesteps, seed, return_attention)
+
+
+def _transformer_attention(gen, images, prompts, timesteps, seed, return_attention, class_prompt) -> list[Sample]:
+    """The same for an SD3 / FLUX generator: one transformer pass per flow-matching noise level."""
+    device = gen.device
+    height, width = images.shape[1:3]
+    requests = gen.requests(prompts)
+    with gen.recording(requests, height, width, class_prompt=class_prompt) as rec:
+        cond = gen.family.condition([r.text for r in requests], device)
+        pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        latents = gen.family.image_latents(pixels).float()
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            gen.family.noised_forward(latents, noise, int(t), cond)
+        rec.read()
+    return _samples(gen, images, requests, rec, timesteps, seed, return_attention)
+
+
+def _samples(gen, images, requests, rec, timesteps, seed, return_attention) -> list[Sample]:
     settings = {k: v for k, v in gen.labels.manifest_fields().items() if k not in ("window", "maps_from")}
     samples = []
     for b, r in enumerate(requests):

@@ -200,3 +200,35 @@ def test_output_maps_are_refused_on_a_unet_generator(tiny_pipeline_dir):
         SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", maps="output")
     with pytest.raises(SettingError, match=r"generator\.labels\.maps='outputs'"):
         SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", maps="outputs")
+
+
+@torch.no_grad()
+def test_real_images_are_noised_as_the_flow_matching_scheduler_does_and_labelled(pipe):
+    import numpy as np
+
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+    from dsdiff.diffusion.real_images import attention_on_images
+
+    gen = SyntheticGenerator(pipe, VOC_CLASSES, cross_res=4, self_res=4, tau=1, max_sequence_length=T5_LENGTH)
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    latents, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["hidden_states"]), with_kwargs=True)
+    try:
+        cond = gen.family.condition(["a cat"], "cpu")
+        gen.family.noised_forward(latents, noise, float(t), cond)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[0], scheduler.scale_noise(latents, t[None], noise), rtol=0, atol=1e-6)
+
+    images = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    a = attention_on_images(gen, images, ["a cat on the grass", "a dog and a car"], [200, 600], seed=3)
+    b = attention_on_images(gen, images, ["a cat on the grass", "a dog and a car"], [200, 600], seed=3)
+    c = attention_on_images(gen, images, ["a cat on the grass", "a dog and a car"], [200, 600], seed=4)
+    assert all(np.array_equal(x.label, y.label) for x, y in zip(a, b))  # the seed fixes the noise
+    assert any(not np.array_equal(x.class_maps, z.class_maps) for x, z in zip(a, c))
+    assert a[1].class_ids == [7, 12] and a[1].label.shape == (64, 64)
+    assert set(np.unique(a[1].label)) <= {0, 7, 12, 255}

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,14 +136,22 @@ def test_two_process_generation_makes_the_one_process_folder(family, tmp_path):
             assert np.array_equal(pixels(one, a, key), pixels(two, b, key))
 
 
-def test_score_labels_with_an_sd3_generator_is_refused_before_anything_is_written(tiny_sd3, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dsdiff.score_labels", "+experiment=shapes_deeplab", "generator=sd3",
-                           f"generator.model={tiny_sd3}", "generator.labels.cross_res=4", "generator.labels.self_res=4",
-                           f"hydra.run.dir={tmp_path / 'run'}", f"paths.log_dir={tmp_path / 'logs'}"],
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_score_labels_scores_real_images_with_an_mmdit_generator(name, tiny_sd3, tiny_flux, tmp_path):
+    model = tiny_sd3 if name == "sd3" else tiny_flux
+    proc = subprocess.run([sys.executable, "-m", "dsdiff.score_labels", "+experiment=shapes_deeplab", f"generator={name}",
+                           f"generator.model={model}", "generator.height=64", "generator.width=64",
+                           "generator.labels.cross_res=4", "generator.labels.self_res=4", f"generator.max_sequence_length={T5_LENGTH}",
+                           "score.images=4", "score.batch_size=2", "score.timesteps=[300,600]",
+                           f"score.dir={tmp_path / 'results'}", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"paths.log_dir={tmp_path / 'logs'}", "logger=csv"],
                           env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "(SD3 pipeline): score_labels noises real images for a UNet" in proc.stderr
-    assert not (tmp_path / "logs").exists()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "label_scores.json").read_text())
+    assert result["labels/images"] == 4 and 0.0 <= result["labels/mIoU"] <= 1.0, result
+    assert result["groups_scored_now"] == 2 and (tmp_path / "run" / "label_overlay.png").is_file()
+    rows = [json.loads(line) for line in (Path(result["results_dir"]) / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all((Path(result["results_dir"]) / "labels" / f"{r['name']}.png").is_file() for r in rows)
 
 
 def test_flux_generation_writes_labelled_samples_whose_images_are_plain_diffusers(tiny_flux, tmp_path):
