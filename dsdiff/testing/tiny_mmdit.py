@@ -48,9 +48,10 @@ def _vae(image_size: int, shift_factor: float, scaling_factor: float):
 
 def build_tiny_sd3_pipeline(*, image_size: int = 64, num_layers: int = 3, heads: int = 2, head_dim: int = 8,
                             text_dim: int = 16, t5_length: int = 32, words: Sequence[str] = TINY_WORDS,
-                            seed: int = 0):
+                            sd35: bool = False, seed: int = 0):
     """A random-weight ``StableDiffusion3Pipeline``: an SD3 VAE (x8), a ``num_layers``-block
-    ``SD3Transformer2DModel`` with patch 2: a 64 px image is an 8x8 latent, a 4x4 token grid."""
+    ``SD3Transformer2DModel`` with patch 2: a 64 px image is an 8x8 latent, a 4x4 token grid.
+    ``sd35``: SD3.5's RMS q/k norms and dual attention (a second, image-only attention) in blocks 0 and 1."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -73,6 +74,7 @@ def build_tiny_sd3_pipeline(*, image_size: int = 64, num_layers: int = 3, heads:
         sample_size=image_size // 8, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * text_dim, pos_embed_max_size=16,
+        **({"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)} if sd35 else {}),
     ).eval()
     vae = _vae(image_size, shift_factor=0.0609, scaling_factor=1.5035)  # SD3's latent statistics
     return StableDiffusion3Pipeline(

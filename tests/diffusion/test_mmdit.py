@@ -68,7 +68,7 @@ def _direct_cross(block, image_tokens, class_tokens, temb):
     normed_class = (block.norm1_context(class_tokens, temb) if block.context_pre_only
                     else block.norm1_context(class_tokens, emb=temb)[0])
     b, d = image_tokens.shape[0], attn.inner_dim // attn.heads
-    q = attn.norm_q(attn.to_q(normed_image).view(b, -1, attn.heads, d).transpose(1, 2)) if attn.norm_q else \
+    q = attn.norm_q(attn.to_q(normed_image).view(b, -1, attn.heads, d).transpose(1, 2)) if attn.norm_q is not None else \
         attn.to_q(normed_image).view(b, -1, attn.heads, d).transpose(1, 2)
     k = attn.add_k_proj(normed_class).view(b, -1, attn.heads, d).transpose(1, 2)
     if attn.norm_added_k is not None:
@@ -76,10 +76,18 @@ def _direct_cross(block, image_tokens, class_tokens, temb):
     return torch.softmax(q @ k.transpose(-1, -2) / d**0.5, dim=-1).mean(1)
 
 
+@pytest.fixture(scope="module")
+def pipe35():
+    return build_tiny_sd3_pipeline(t5_length=T5_LENGTH, sd35=True)
+
+
 @torch.no_grad()
-def test_cross_maps_are_the_direct_softmax_of_the_carried_class_stream(pipe):
+@pytest.mark.parametrize("layout", ["sd3", "sd35"])
+def test_cross_maps_are_the_direct_softmax_of_the_carried_class_stream(pipe, pipe35, layout):
     """Block 0 sees the class prompt as embedded; block 1 sees it as block 0's context output would be
-    if the class prompt were the context (class queries over [image, class] keys)."""
+    if the class prompt were the context (class queries over [image, class] keys). ``sd35``: RMS q/k
+    norms and dual attention in both blocks."""
+    pipe = pipe35 if layout == "sd35" else pipe
     prompts, classes = ["a cat on the grass"], ["cat"]
     transformer = pipe.transformer
     seen0, h0 = _inputs_of(pipe, 0)
