@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -39,22 +40,32 @@ PROMPT_TOKENS = {"sd3": 77 + 256, "flux": 256}
 
 
 def build_transformer(*, family: str, heads: int, head_dim: int, joint_dim: int, image_size: int, device, dtype):
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # random weights made where and as they will run (FLUX.1: 12B parameters)
+    try:
+        with torch.device(device):
+            return _transformer(family, heads, head_dim, joint_dim, image_size).to(device=device, dtype=dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _transformer(family, heads, head_dim, joint_dim, image_size):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    torch.manual_seed(0)
     if family == "flux":
         rope = (head_dim // 8, head_dim * 7 // 16, head_dim - head_dim // 8 - head_dim * 7 // 16)  # 16/56/56 of 128
         return FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=head_dim,
             num_attention_heads=heads, joint_attention_dim=joint_dim, pooled_projection_dim=768,
             guidance_embeds=False, axes_dims_rope=rope,
-        ).to(device=device, dtype=dtype).eval()
+        )
     return SD3Transformer2DModel(
         sample_size=image_size // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * joint_dim // 4,
         pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
-    ).to(device=device, dtype=dtype).eval()
+    )
 
 
 def inputs(model, args, device, dtype, batch: int):
@@ -141,6 +152,7 @@ def main() -> None:
     p.add_argument("--blocks", nargs="+", default=None, help="recorded block ranges, one row each "
                    "(default sd3: 0-23 8-15; flux: 0-56 19-30)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="the folder for bench_generation.md (default: this run's own)")
     add_write_results(p)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -163,7 +175,7 @@ def main() -> None:
                   f"({r['time_ratio']:.2f}x), peak {r['plain_mb']:.0f} -> {r['rec_mb']:.0f} MB, same={r['same']}",
                   flush=True)
     text = render(args, device, dtype, rows)
-    folder = run_folder("bench_mmdit", args.write_results)
+    folder = run_folder("bench_mmdit", args.write_results, args.out)
     write_section(folder / "bench_generation.md", f"mmdit-{args.family}-{device.type}", text, "Generation benchmarks")
     print(text)
     print(f"results: {folder / 'bench_generation.md'}")

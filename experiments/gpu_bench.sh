@@ -10,6 +10,9 @@
 #   run: bash experiments/gpu_bench.sh      (carry: [".whl"])
 #   ONLY=recording bash experiments/gpu_bench.sh: only bench_generation at batch 1 and 8 with the
 #   "plain + recorders" row and torch.profiler tables (about 90 s)
+#   ONLY=mmdit bash experiments/gpu_bench.sh: the SD3.5-Medium and FLUX.1 layouts at full width, 1024 px,
+#   bf16, batch 1 and 4, plain diffusers vs dsdiff's recording (every block, then a middle range), and the
+#   UNet recorders at batch 8 (about 5 minutes; FLUX.1's 12B parameters at random weights need ~24 GB)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_bench_out}
@@ -43,6 +46,21 @@ if [ "${ONLY:-}" = recording ]; then  # a short re-measure: where the recording'
     --profile "$OUT/profile" --sizes 1024 --out "$OUT/bench_generation_recording.md" --json "$OUT/bench_generation_recording.json" \
     2>&1 | grep --line-buffered -v "should be kept in float32" | tee "$OUT/bench_generation_recording.log"
   echo "== done in $((SECONDS - start)) s (exit ${PIPESTATUS[0]})"
+  exit 0
+fi
+
+if [ "${ONLY:-}" = mmdit ]; then
+  for family in sd3 flux; do
+    echo "== bench_mmdit --family $family (left $(left) s)"
+    MM=(experiments/bench_mmdit.py --family "$family" --device "$DEVICE")
+    [ "$DEVICE" = cuda ] && MM+=(--dtype bf16 --image-size 1024 --batch 1 4) || MM+=(--image-size 256 --repeats 1)
+    timeout $(( $(left) > 150 ? 150 : $(left) )) $PY "${MM[@]}" --out "$OUT/mmdit" 2>&1 \
+      | grep --line-buffered -v "should be kept in float32" | tee "$OUT/bench_mmdit_$family.log"
+  done
+  echo "== bench_generation: the UNet recorders at batch 8 (left $(left) s)"
+  timeout $(( $(left) > 120 ? 120 : $(left) )) $PY "${GEN[@]}" --batch 8 --steps "${STEPS:-20}" --repeats 3 \
+    --out "$OUT/bench_generation_b8.md" 2>&1 | grep --line-buffered -v "should be kept in float32" | tee "$OUT/bench_generation_b8.log"
+  echo "== done in $((SECONDS - start)) s"
   exit 0
 fi
 
