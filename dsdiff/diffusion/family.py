@@ -17,11 +17,18 @@ import torch
 from dsdiff.data.classes import class_words
 from dsdiff.diffusion.attention import AttentionStore, RecordingAttnProcessor, recording_processors
 from dsdiff.diffusion.flux import FluxRecorder
-from dsdiff.diffusion.mmdit import JointRecorder, RecordingJointAttnProcessor, check_blocks
-from dsdiff.diffusion.pipeline import PIPELINE_FAMILIES, RECORDED, check_image_size, image_to_latent_factor
+from dsdiff.diffusion.mmdit import JointRecorder, check_blocks
+from dsdiff.diffusion.pipeline import (
+    PIPELINE_FAMILIES,
+    RECORDED,
+    check_class_names,
+    check_image_size,
+    image_to_latent_factor,
+)
 from dsdiff.diffusion.prompts import class_token_spans
 from dsdiff.diffusion.settings import SETTING, LabelSettings
 from dsdiff.utils.errors import SettingError
+
 
 class UNetFamily:
     """SD 1.x / 2.x / SDXL: recording processors on the UNet's cross- and self-attention layers."""
@@ -54,8 +61,6 @@ class UNetFamily:
             check_image_size(self.pipe, height, width, native, self.labels.cross_res, self.labels.self_res)
 
     def check_class_names(self, class_names: Sequence[str]) -> None:
-        from dsdiff.diffusion.pipeline import check_class_names
-
         check_class_names(self.pipe.tokenizer, class_names)
 
     def spans(self, words: Sequence[str]) -> tuple[str, list[list[int]]]:
@@ -91,6 +96,7 @@ class SD3Family(UNetFamily):
 
     name = "sd3"
     components = ("transformer", "tokenizer", "text_encoder", "tokenizer_3", "text_encoder_3")
+    recorder_class = JointRecorder
 
     def __init__(self, pipe, labels: LabelSettings, max_sequence_length: int | None = None) -> None:
         super().__init__(pipe, labels)
@@ -166,14 +172,15 @@ class SD3Family(UNetFamily):
         self.denoiser(hidden_states=noised, timestep=t, return_dict=False, **cond)
 
     def install(self, store: AttentionStore, latent_hw: tuple[int, int]) -> None:
-        first = self.denoiser.transformer_blocks[0].attn.processor
-        if self.recorder is not None and isinstance(first, RecordingJointAttnProcessor):
+        """Install the class-stream recorder once (any size: the maps take the grid they are given), again
+        when someone replaced the processors."""
+        first = self.denoiser.transformer_blocks[0].attn
+        if self.recorder is not None and first.processor is self._first:
             return
         if self.recorder is not None:
             self.recorder.remove()
         self.recorder = self.recorder_class(self.denoiser, store, self.blocks, maps=self.labels.maps).install()
-
-    recorder_class = JointRecorder
+        self._first = first.processor
 
 
 class FluxFamily(SD3Family):
@@ -183,9 +190,6 @@ class FluxFamily(SD3Family):
     name = "flux"
     components = ("transformer", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
     recorder_class = FluxRecorder
-
-    def __init__(self, pipe, labels: LabelSettings, max_sequence_length: int | None = None) -> None:
-        super().__init__(pipe, labels, max_sequence_length)
 
     def native_size(self) -> int:
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
@@ -223,7 +227,7 @@ class FluxFamily(SD3Family):
 
 
 def family_of(pipe, labels: LabelSettings, **options):
-    """The family object for a loaded pipeline: SD3 (a ``transformer`` with joint blocks) or a UNet."""
+    """The family object for a loaded pipeline: a UNet's, SD3's or FLUX's (by the pipeline's class)."""
     if getattr(pipe, "unet", None) is not None:
         if options.get("max_sequence_length") is not None:
             raise SettingError("generator.max_sequence_length: the T5 prompt length of an SD3 generator; a UNet "

@@ -115,6 +115,8 @@ def test_flux_generator_labels_and_refuses_a_negative_prompt(pipe):
     gen = SyntheticGenerator(pipe, VOC_CLASSES, num_inference_steps=2, guidance_scale=0.0, height=64, width=64,
                              cross_res=4, self_res=4, tau=1, max_sequence_length=T5_LENGTH)
     samples = gen(["a cat on the grass", "a dog and a car"], seeds=[0, 1])
+    recorder = gen.family.recorder
+    assert gen(["a cat"], seeds=[2])[0].label.shape == (64, 64) and gen.family.recorder is recorder  # installed once
     plain = pipe(["a cat on the grass", "a dog and a car"], num_inference_steps=2, guidance_scale=0.0, height=64,
                  width=64, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], output_type="np",
                  max_sequence_length=T5_LENGTH).images
