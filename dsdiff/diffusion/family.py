@@ -101,7 +101,7 @@ class SD3Family(UNetFamily):
     def __init__(self, pipe, labels: LabelSettings, max_sequence_length: int | None = None) -> None:
         super().__init__(pipe, labels)
         if not labels.class_prompt:
-            raise SettingError(f"{SETTING}.class_prompt=false: a {self.name.upper()} generator's maps come from the class-prompt "
+            raise SettingError(f"{SETTING}.class_prompt=false: {self.name.upper()}'s maps come from the class-prompt "
                                "stream only (the caption-token ablation is for UNet generators); set it to true")
         self.max_sequence_length = max_sequence_length
         n_blocks = len(self.recorder_class.block_list(pipe.transformer))
@@ -118,13 +118,13 @@ class SD3Family(UNetFamily):
     def _check_grid(self, height: int, width: int, factor: int, family: str) -> None:
         for key, side in (("height", height), ("width", width)):
             if side % factor:
-                raise SettingError(f"generator.{key}={side}: a {family} image side is a multiple of {factor} "
+                raise SettingError(f"generator.{key}={side}: {family} image sides are multiples of {factor} "
                                    "(the VAE's factor times the patch size)")
         grid = (height // factor, width // factor)
         for key in ("cross_res", "self_res"):
             if getattr(self.labels, key) != grid[0]:
                 raise SettingError(
-                    f"{SETTING}.{key}={getattr(self.labels, key)}: a {family} generator's maps are at its image-token "
+                    f"{SETTING}.{key}={getattr(self.labels, key)}: {family}'s maps are at its image-token "
                     f"grid, {grid[0]}x{grid[1]} for {height}x{width} images: set {SETTING}.{key}={grid[0]}")
 
     def check_class_names(self, class_names: Sequence[str]) -> None:
