@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +35,7 @@ from dsdiff.diffusion.flux import FluxRecorder
 from dsdiff.diffusion.mmdit import JointRecorder
 
 from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
-from bench_generation import PeakMemory, _median_time as timed  # noqa: E402
+from bench_generation import PeakMemory, sync  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT_TOKENS = {"sd3": 77 + 256, "flux": 256}
@@ -87,55 +89,83 @@ def inputs(model, args, device, dtype, batch: int):
 
 
 @torch.no_grad()
-def measure(model, args, device, dtype, batch: int, blocks) -> dict:
+def block_range(spec: str) -> list[int]:
+    start, _, end = spec.partition("-")
+    return list(range(int(start), int(end or start) + 1))
+
+
+def span(blocks) -> str:
+    return f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0])
+
+
+def measure(model, args, device, dtype, batch: int, blocks, self_blocks=None) -> dict:
+    """Plain and recorded steps alternated ``args.repeats`` times (so drift hits both alike), medians."""
     side = args.image_size // 8
     kwargs = inputs(model, args, device, dtype, batch)
     store = AttentionStore()
-    recorder_class = FluxRecorder if args.family == "flux" else JointRecorder
+    store.reset(torch.randn(batch, PROMPT_TOKENS[args.family], model.config.joint_attention_dim, device=device, dtype=dtype))
+    recorder = (FluxRecorder if args.family == "flux" else JointRecorder)(model, store, blocks, self_blocks)
 
     def forward():
         return model(**kwargs, return_dict=False)[0]
 
-    plain_out = forward()  # first call of the process: lazy allocations stay out of the peaks
-    with PeakMemory(device) as mem_plain:
-        t_plain = timed(forward, args.repeats, device)
-    store.reset(torch.randn(batch, PROMPT_TOKENS[args.family], model.config.joint_attention_dim, device=device, dtype=dtype))
-    with recorder_class(model, store, blocks) as recorder:
-        def recorded():
-            store.cross_sum = store.self_sum = None
-            store.cross_count = store.self_count = 0
-            store.recording = True
+    def recorded():
+        store.cross_sum = store.self_sum = None
+        store.cross_count = store.self_count = 0
+        store.recording = True
+        with recorder:
             return forward()
-        with PeakMemory(device) as mem_rec:
-            t_rec = timed(recorded, args.repeats, device)
-        same = torch.equal(recorded(), plain_out)
-        n_blocks, extra = len(recorder.blocks), recorder.extra_tokens()
-    return {"batch": batch, "blocks": f"{blocks[0]}-{blocks[-1]}" if len(blocks) > 1 else str(blocks[0]),
-            "n_blocks": n_blocks, "tokens": side * side // 4, "class_tokens": extra,
+
+    plain_out = forward()  # first calls of the process: lazy allocations stay out of the peaks
+    same = torch.equal(recorded(), plain_out)
+    with PeakMemory(device) as mem_plain:
+        forward()
+    with PeakMemory(device) as mem_rec:
+        recorded()
+    times = {"plain": [], "rec": []}
+    for _ in range(args.repeats):
+        for name, fn in (("plain", forward), ("rec", recorded)):
+            times[name].append(_once(fn, device))
+    t_plain, t_rec = statistics.median(times["plain"]), statistics.median(times["rec"])
+    label = span(blocks) if self_blocks is None else f"{span(blocks)}, self maps {span(self_blocks)}"
+    return {"batch": batch, "blocks": label,
+            "n_blocks": len(recorder.blocks), "tokens": side * side // 4, "class_tokens": recorder.extra_tokens(),
             "plain_s": t_plain, "rec_s": t_rec, "time_ratio": t_rec / t_plain,
             "plain_mb": mem_plain.extra / 2**20, "rec_mb": mem_rec.extra / 2**20,
             "maps_mb": store.nbytes() / 2**20, "same": same}
+
+
+def _once(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def render(args, device, dtype, rows) -> str:
     width = f"{args.heads} heads x {args.head_dim}, joint dim {args.joint_dim}"
     layout = "FLUX.1" if args.family == "flux" else "SD3.5-Medium"
     batch = "batch B, no guidance branch" if args.family == "flux" else "guidance batch 2B"
+    cuda = device.type == "cuda"
+    memory = ("Peak memory: the CUDA allocator's peak above the start of one step. " if cuda else
+              "Peak memory is left out on the CPU: one step's RSS peak is dominated by the allocator's growth. ")
     lines = [
         f"## MMDiT recording ({layout} layout, {device.type})", "",
         f"`python experiments/bench_mmdit.py {' '.join(sys.argv[1:])}`: {device.type} ({platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads), {str(dtype).replace('torch.', '')}, "
-        f"{args.image_size} px, {width}, random weights, median of {args.repeats} denoising steps "
-        f"(transformer forward, {batch}). Peak memory: extra over the start of the block "
-        "(CUDA allocator, or RSS on CPU). `same`: the recorded step's output equals plain diffusers' bit for bit.", "",
+        f"{args.image_size} px, {width}, random weights, median of {args.repeats} denoising steps, plain and recorded "
+        f"alternated, the recorder's install and removal inside the recorded time (transformer forward, {batch}). "
+        f"{memory}`maps MB`: the running sums per batch. `same`: the recorded step's output equals plain diffusers' "
+        "bit for bit.", "",
         "| batch | recorded blocks | image tokens | class tokens | plain s/step | dsdiff s/step | time ratio | "
-        "plain peak MB | dsdiff peak MB | maps MB | same |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        + ("plain peak MB | dsdiff peak MB | " if cuda else "") + "maps MB | same |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | " + ("---: | ---: | " if cuda else "") + "---: | --- |",
     ]
     for r in rows:
+        mem = f"{r['plain_mb']:.0f} | {r['rec_mb']:.0f} | " if cuda else ""
         lines.append(f"| {r['batch']} | {r['blocks']} ({r['n_blocks']}) | {r['tokens']} | {r['class_tokens']} | "
-                     f"{r['plain_s']:.3f} | {r['rec_s']:.3f} | {r['time_ratio']:.2f}x | {r['plain_mb']:.0f} | "
-                     f"{r['rec_mb']:.0f} | {r['maps_mb']:.1f} | {r['same']} |")
+                     f"{r['plain_s']:.3f} | {r['rec_s']:.3f} | {r['time_ratio']:.2f}x | {mem}{r['maps_mb']:.1f} | {r['same']} |")
     return "\n".join(lines)
 
 
@@ -149,7 +179,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=None, help="default 64 (SD3) / 128 (FLUX) on CUDA, 32 on CPU")
     p.add_argument("--joint-dim", type=int, default=None, help="prompt embedding width: 4096 on CUDA, 256 on CPU")
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--blocks", nargs="+", default=None, help="recorded block ranges, one row each "
+    p.add_argument("--blocks", nargs="+", default=None, help="recorded block ranges, one row each; "
+                   "CROSS/SELF (e.g. 0-56/19-30) records self maps at SELF only "
                    "(default sd3: 0-23 8-15; flux: 0-56 19-30)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=None, help="the folder for bench_generation.md (default: this run's own)")
@@ -167,13 +198,12 @@ def main() -> None:
     rows = []
     for batch in args.batch:
         for spec in args.blocks:
-            start, _, end = spec.partition("-")
-            blocks = list(range(int(start), int(end or start) + 1))
-            rows.append(measure(model, args, device, dtype, batch, blocks))
+            cross, _, self_part = spec.partition("/")
+            rows.append(measure(model, args, device, dtype, batch, block_range(cross),
+                                block_range(self_part) if self_part else None))
             r = rows[-1]
             print(f"batch {batch}, blocks {spec}: plain {r['plain_s']:.3f} s, dsdiff {r['rec_s']:.3f} s "
-                  f"({r['time_ratio']:.2f}x), peak {r['plain_mb']:.0f} -> {r['rec_mb']:.0f} MB, same={r['same']}",
-                  flush=True)
+                  f"({r['time_ratio']:.2f}x), same={r['same']}", flush=True)
     text = render(args, device, dtype, rows)
     folder = run_folder("bench_mmdit", args.write_results, args.out)
     write_section(folder / "bench_generation.md", f"mmdit-{args.family}-{device.type}", text, "Generation benchmarks")

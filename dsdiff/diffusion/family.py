@@ -41,10 +41,11 @@ class UNetFamily:
             raise SettingError(f"{SETTING}.maps={labels.maps}: output-space maps need the class tokens' attention "
                                "outputs, which an SD3 or FLUX generator computes and a UNet generator does not: "
                                "leave maps=attention")
-        if labels.blocks is not None and getattr(pipe, "unet", None) is not None:
-            raise SettingError(f"{SETTING}.blocks={list(labels.blocks)}: picks the joint blocks of an SD3 generator; "
-                               f"this UNet generator records by resolution ({SETTING}.cross_res / self_res): "
-                               "leave blocks null")
+        for key in ("blocks", "self_blocks"):
+            if getattr(labels, key) is not None and getattr(pipe, "unet", None) is not None:
+                raise SettingError(f"{SETTING}.{key}={list(getattr(labels, key))}: picks the blocks of an SD3 or FLUX "
+                                   f"generator; this UNet generator records by resolution ({SETTING}.cross_res / "
+                                   f"self_res): leave {key} null")
         self.pipe, self.labels = pipe, labels
         self._installed: tuple | None = None  # (latent size, a recorder's name, that recorder)
 
@@ -106,6 +107,7 @@ class SD3Family(UNetFamily):
         self.max_sequence_length = max_sequence_length
         n_blocks = len(self.recorder_class.block_list(pipe.transformer))
         self.blocks = check_blocks(labels.blocks if labels.blocks is not None else range(n_blocks), n_blocks)
+        self.self_blocks = None if labels.self_blocks is None else check_blocks(labels.self_blocks, n_blocks, "self_blocks")
         self.recorder: JointRecorder | None = None
 
     @property
@@ -179,7 +181,8 @@ class SD3Family(UNetFamily):
             return
         if self.recorder is not None:
             self.recorder.remove()
-        self.recorder = self.recorder_class(self.denoiser, store, self.blocks, maps=self.labels.maps).install()
+        self.recorder = self.recorder_class(self.denoiser, store, self.blocks, self.self_blocks,
+                                            maps=self.labels.maps).install()
         self._first = first.processor
 
 

@@ -47,15 +47,15 @@ def token_grid(transformer, latent_hw: tuple[int, int]) -> tuple[int, int]:
     return latent_hw[0] // patch, latent_hw[1] // patch
 
 
-def check_blocks(blocks: Sequence[int], n_blocks: int) -> list[int]:
+def check_blocks(blocks: Sequence[int], n_blocks: int, name: str = "blocks") -> list[int]:
     """Sorted unique block indices, refused (naming the setting) when empty or out of range."""
     try:
         chosen = sorted({int(b) for b in blocks})
     except (TypeError, ValueError) as err:
-        raise SettingError(f"generator.labels.blocks={list(blocks)!r}: give block indices (integers)") from err
+        raise SettingError(f"generator.labels.{name}={list(blocks)!r}: give block indices (integers)") from err
     if not chosen or chosen[0] < 0 or chosen[-1] >= n_blocks:
         raise SettingError(
-            f"generator.labels.blocks={chosen}: this transformer has blocks 0..{n_blocks - 1}; "
+            f"generator.labels.{name}={chosen}: this transformer has blocks 0..{n_blocks - 1}; "
             "give a non-empty list of indices in that range"
         )
     return chosen
@@ -179,7 +179,7 @@ class JointRecorder:
         self.all_blocks = self.block_list(transformer)
         n = len(self.all_blocks)
         self.blocks = check_blocks(blocks, n)
-        self.self_blocks = self.blocks if self_blocks is None else check_blocks(self_blocks, n)
+        self.self_blocks = self.blocks if self_blocks is None else check_blocks(self_blocks, n, "self_blocks")
         self.stream = _ClassStream()
         self._saved: dict | None = None
         self._hooks: list = []

@@ -26,14 +26,14 @@ def check_thresholds(tau: float, alpha: float, beta: float, where: str = SETTING
                          "< beta background, so alpha must be >= beta")
 
 
-def parse_blocks(value: Any) -> tuple[int, ...]:
+def parse_blocks(value: Any, name: str = "blocks") -> tuple[int, ...]:
     """``[3, 5, 7]`` or ``"4-12"`` (inclusive) -> sorted unique block indices, refused naming the setting."""
     if isinstance(value, str) and value.count("-") == 1 and all(p.strip().isdigit() for p in value.split("-")):
         start, end = (int(p) for p in value.split("-"))
         value = range(start, end + 1)
     items = list(value) if isinstance(value, Sequence | range) and not isinstance(value, str) else None
     if not items or any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in items):
-        raise SettingError(f"{SETTING}.blocks={value!r}: a non-empty list of block indices (>= 0) or a range "
+        raise SettingError(f"{SETTING}.{name}={value!r}: a non-empty list of block indices (>= 0) or a range "
                            "\"START-END\" (inclusive), or null for all blocks")
     return tuple(sorted(set(items)))
 
@@ -48,7 +48,8 @@ class LabelSettings:
     calls, which PNDM makes one more of than steps: ``[0, 1]`` records all 101 of 100 PNDM steps, as the original).
     ``class_prompt=False`` takes the maps from the prompt's own class-word tokens (an ablation).
     ``blocks`` picks the joint blocks an SD3 generator records (indices, or ``"START-END"``
-    inclusive; None: all of them); a UNet generator has no blocks to pick and refuses it. ``maps`` is
+    inclusive; None: all of them), ``self_blocks`` those whose self-attention is averaged (None: the same
+    blocks); a UNet generator has no blocks to pick and refuses both. ``maps`` is
     ``"attention"`` (image queries against the class prompt's keys) or, for SD3 and FLUX, ``"output"``
     (ConceptAttention's maps: the image tokens' attention outputs against the class tokens').
     """
@@ -61,11 +62,13 @@ class LabelSettings:
     window: tuple[float, float] = (0.0, 1.0)
     class_prompt: bool = True
     blocks: tuple[int, ...] | None = None
+    self_blocks: tuple[int, ...] | None = None
     maps: str = "attention"
 
     def __post_init__(self) -> None:
-        if self.blocks is not None:
-            object.__setattr__(self, "blocks", parse_blocks(self.blocks))
+        for name in ("blocks", "self_blocks"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parse_blocks(getattr(self, name), name))
         window = tuple(self.window) if isinstance(self.window, Sequence) and not isinstance(self.window, str) else ()
         numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in window)
         if len(window) != 2 or not numbers or not 0.0 <= window[0] < window[1] <= 1.0:
@@ -112,10 +115,11 @@ class LabelSettings:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ``dataset.json`` (the window as a list, as JSON stores it; ``blocks`` only when set)."""
         out = {**asdict(self), "window": list(self.window)}
-        if out["blocks"] is None:
-            del out["blocks"]
-        else:
-            out["blocks"] = list(out["blocks"])
+        for name in ("blocks", "self_blocks"):  # written only when set, as folders made before they existed
+            if out[name] is None:
+                del out[name]
+            else:
+                out[name] = list(out[name])
         if out["maps"] == "attention":  # the default, as folders made before the setting existed
             del out["maps"]
         return out

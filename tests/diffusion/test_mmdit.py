@@ -150,6 +150,25 @@ def test_sd3_only_settings_are_refused_on_a_unet_generator(tiny_pipeline_dir):
         SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", blocks=[1, 2])
     with pytest.raises(SettingError, match=r"generator\.max_sequence_length"):
         SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", max_sequence_length=77)
+    with pytest.raises(SettingError, match=r"generator\.labels\.self_blocks=\[3\]"):
+        SyntheticGenerator.from_pretrained(tiny_pipeline_dir, VOC_CLASSES, device="cpu", self_blocks=[3])
+
+
+def test_self_maps_can_come_from_fewer_blocks_than_the_cross_maps(pipe):
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+
+    store = AttentionStore()
+    store.reset(class_embeds(pipe, ["cat"]))
+    with JointRecorder(pipe.transformer, store, [0, 1, 2], self_blocks=[1]):
+        generate(pipe, ["a cat on the grass"])
+    assert (store.cross_count, store.self_count) == (6, 2)  # 2 steps x 3 cross blocks, x 1 self block
+    gen = SyntheticGenerator(pipe, VOC_CLASSES, num_inference_steps=2, cross_res=4, self_res=4,
+                             max_sequence_length=T5_LENGTH, self_blocks="1-1")
+    sample = gen(["a cat on the grass"], seeds=[0])[0]
+    assert sample.metadata["self_blocks"] == [1] and sample.label.shape == (64, 64)
+    with pytest.raises(SettingError, match=r"generator\.labels\.self_blocks=\[5\]: this transformer has blocks 0\.\.2"):
+        SyntheticGenerator(pipe, VOC_CLASSES, cross_res=4, self_res=4, self_blocks=[5])
 
 
 def test_sd3_maps_must_be_at_the_token_grid(pipe):
