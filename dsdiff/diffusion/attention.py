@@ -115,6 +115,18 @@ def _head_mean_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> to
     return torch.cat([_probs(q, k, scale) for q, k in zip(query.split(step), key.split(step))])
 
 
+def split_heads(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """(B, N, H*d) projections -> (B, H, N, d) each, the layer's q/k norms applied, as diffusers' processors
+    do; returns them and the head width d."""
+    batch_size, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 class RecordingAttnProcessor:
     """AttnProcessor2_0's computation plus recording of the conditional branch's attention.
 
@@ -150,16 +162,8 @@ class RecordingAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = split_heads(attn, query, attn.to_k(encoder_hidden_states),
+                                                  attn.to_v(encoder_hidden_states))
 
         if self.store.recording:
             self._record(attn, query, key)

@@ -133,8 +133,7 @@ class FluxRecorder(JointRecorder):
                 self.stream.pending = {"normed": normed, "gate": gate,
                                        "mlp": block.act_mlp(block.proj_mlp(normed))}
             else:
-                normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(tokens, emb=temb)
-                self.stream.pending = {"normed": normed, "gates": (gate_msa, shift_mlp, scale_mlp, gate_mlp)}
+                self.stream.pending = self.context_pending(block, tokens, temb)
             return None
         return hook
 

@@ -21,9 +21,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-from dsdiff.diffusion.attention import CHUNK_BYTES, AttentionStore
+from dsdiff.diffusion.attention import CHUNK_BYTES, AttentionStore, split_heads
 from dsdiff.utils.errors import SettingError
 
 
@@ -39,12 +38,6 @@ def _row_chunked_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> 
     rows = max(1, min(n, CHUNK_BYTES // max(b * h * key.shape[2] * 4, 1)))
     k = key.float().transpose(-1, -2)
     return torch.cat([torch.softmax((q.float() * scale) @ k, dim=-1).mean(1) for q in query.split(rows, dim=2)], dim=1)
-
-
-def token_grid(transformer, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) grid of image tokens an SD3 transformer makes from a latent of ``latent_hw``."""
-    patch = transformer.config.patch_size
-    return latent_hw[0] // patch, latent_hw[1] // patch
 
 
 def check_blocks(blocks: Sequence[int], n_blocks: int, name: str = "blocks") -> list[int]:
@@ -87,18 +80,8 @@ class RecordingJointAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = split_heads(attn, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                                  attn.to_v(hidden_states))
 
         if self.store.recording and (self.record or self.advance):
             self._class_side(attn, query, key, value, head_dim)
@@ -251,10 +234,15 @@ class JointRecorder:
             if block.context_pre_only:
                 self.stream.pending = {"normed": block.norm1_context(tokens, temb)}
             else:
-                normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(tokens, emb=temb)
-                self.stream.pending = {"normed": normed, "gates": (gate_msa, shift_mlp, scale_mlp, gate_mlp)}
+                self.stream.pending = self.context_pending(block, tokens, temb)
             return None
         return hook
+
+    @staticmethod
+    def context_pending(block, tokens: torch.Tensor, temb: torch.Tensor) -> dict:
+        """The class tokens through a block's context norm: normed tokens and the gates the post-hook uses."""
+        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(tokens, emb=temb)
+        return {"normed": normed, "gates": (gate_msa, shift_mlp, scale_mlp, gate_mlp)}
 
     def _post_hook(self, block):
         def hook(module, args, output):
@@ -267,8 +255,3 @@ class JointRecorder:
             self.stream.tokens = tokens + gate_mlp.unsqueeze(1) * block.ff_context(normed)
             return None
         return hook
-
-
-def plain_processors(transformer) -> dict[str, JointAttnProcessor2_0]:
-    """diffusers' own processors for every joint block (what an SD3 transformer is built with)."""
-    return {name: JointAttnProcessor2_0() for name in transformer.attn_processors}
