@@ -24,7 +24,9 @@ from dsdiff.diffusion.pipeline import (
     check_class_names,
     check_image_size,
     image_to_latent_factor,
+    is_pixel_space,
 )
+from dsdiff.diffusion.pixels import pack
 from dsdiff.diffusion.prompts import class_token_spans
 from dsdiff.diffusion.settings import SETTING, LabelSettings
 from dsdiff.utils.errors import SettingError
@@ -72,8 +74,27 @@ class UNetFamily:
 
     def encode(self, texts: Sequence[str], device) -> torch.Tensor:
         """(B, L, D) conditional text embeddings, as the pipeline computes them."""
-        return self.pipe.encode_prompt(prompt=list(texts), device=device, num_images_per_prompt=1,
-                                       do_classifier_free_guidance=False)[0]
+        return self.condition(texts, device)["encoder_hidden_states"]
+
+    # -- real images (dsdiff.diffusion.real_images): the denoiser's inputs for given images at a noise level
+    def condition(self, texts: Sequence[str], device) -> dict:
+        """The denoiser's text inputs, as keyword arguments."""
+        return {"encoder_hidden_states": self.pipe.encode_prompt(
+            prompt=list(texts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]}
+
+    def image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> UNet input: packed pixels without a VAE, else the VAE's scaled mean latent."""
+        pipe = self.pipe
+        if is_pixel_space(pipe):
+            latents = pack(pixels, image_to_latent_factor(pipe))
+        else:
+            latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+        return latents.to(self.denoiser.dtype)
+
+    def noised_forward(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, cond: dict) -> None:
+        """One denoiser pass on ``latents`` noised to ``timestep`` (the scheduler's own noising)."""
+        t = torch.full((len(latents),), int(timestep), device=latents.device, dtype=torch.long)
+        self.denoiser(self.pipe.scheduler.add_noise(latents, noise, t), t, **cond)
 
     def install(self, store: AttentionStore, latent_hw: tuple[int, int]) -> None:
         """(Re)install the recorders when the latent size changed or someone replaced them."""
@@ -148,12 +169,7 @@ class SD3Family(UNetFamily):
     def prompt_kwargs(self) -> dict:
         return {} if self.max_sequence_length is None else {"max_sequence_length": int(self.max_sequence_length)}
 
-    def encode(self, texts: Sequence[str], device) -> torch.Tensor:
-        return self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, prompt_3=None, device=device,
-                                       num_images_per_prompt=1, do_classifier_free_guidance=False,
-                                       **self.prompt_kwargs())[0]
-
-    # -- real images (dsdiff.diffusion.real_images): flow matching noises x0 as (1 - s) x0 + s noise, s = t / T
+    # -- real images: flow matching noises x0 as (1 - s) x0 + s noise, s = t / T
     def condition(self, texts: Sequence[str], device) -> dict:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=list(texts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
@@ -165,7 +181,7 @@ class SD3Family(UNetFamily):
         undoes them before decoding."""
         vae = self.pipe.vae
         latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-        return (latent - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return ((latent - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()  # mixed in fp32
 
     def noised_forward(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int, cond: dict) -> None:
         sigma = timestep / self.pipe.scheduler.config.num_train_timesteps
@@ -203,10 +219,6 @@ class FluxFamily(SD3Family):
 
     def spans(self, words: Sequence[str]) -> tuple[str, list[list[int]]]:
         return class_token_spans(self.pipe.tokenizer_2, words)
-
-    def encode(self, texts: Sequence[str], device) -> torch.Tensor:
-        return self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device, num_images_per_prompt=1,
-                                       **self.prompt_kwargs())[0]
 
     def condition(self, texts: Sequence[str], device) -> dict:
         embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device,

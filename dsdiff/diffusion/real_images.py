@@ -12,17 +12,7 @@ import numpy as np
 import torch
 
 from dsdiff.diffusion.generator import Sample, SyntheticGenerator
-from dsdiff.diffusion.pipeline import image_to_latent_factor, is_pixel_space
-from dsdiff.diffusion.pixels import pack
 from dsdiff.diffusion.prompts import PromptRecord
-
-
-def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> UNet input: packed pixels without a VAE, else the VAE's scaled mean latent."""
-    if is_pixel_space(pipe):
-        return pack(images, image_to_latent_factor(pipe))
-    latent = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist.mean
-    return latent * pipe.vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -50,36 +40,16 @@ def attention_on_images(
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts: pass one prompt per image")
     if not timesteps:
         raise ValueError("timesteps is empty: pass e.g. [200, 400, 600]")
-    if gen.family.name != "unet":
-        return _transformer_attention(gen, images, prompts, timesteps, seed, return_attention, class_prompt)
-    pipe, device = gen.pipe, gen.device
-    height, width = images.shape[1:3]
-    requests = gen.requests(prompts)
-    with gen.recording(requests, height, width, class_prompt=class_prompt) as rec:
-        text_embeds = gen.encode([r.text for r in requests])
-        pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        latents = encode_images(pipe, pixels).to(pipe.unet.dtype)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
-        for t in timesteps:
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            t_batch = torch.full((len(latents),), int(t), device=device, dtype=torch.long)
-            pipe.unet(pipe.scheduler.add_noise(latents, noise, t_batch), t_batch, encoder_hidden_states=text_embeds)
-        rec.read()
-    return _samples(gen, images, requests, rec, timesteps, seed, return_attention)
-
-
-def _transformer_attention(gen, images, prompts, timesteps, seed, return_attention, class_prompt) -> list[Sample]:
-    """The same for an SD3 / FLUX generator: one transformer pass per flow-matching noise level."""
     device = gen.device
     height, width = images.shape[1:3]
     requests = gen.requests(prompts)
     with gen.recording(requests, height, width, class_prompt=class_prompt) as rec:
         cond = gen.family.condition([r.text for r in requests], device)
         pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
-        latents = gen.family.image_latents(pixels).float()
+        latents = gen.family.image_latents(pixels)
         generator = torch.Generator("cpu").manual_seed(int(seed))
         for t in timesteps:
-            noise = torch.randn(latents.shape, generator=generator).to(device)
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             gen.family.noised_forward(latents, noise, int(t), cond)
         rec.read()
     return _samples(gen, images, requests, rec, timesteps, seed, return_attention)
