@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from dsdiff.chain.config import config_dir, entry_point_of as _entry_point, help_groups
 from dsdiff.chain.runtime import job_config
+from dsdiff.diffusion.pipeline import image_to_latent_factor
 
 
 _FILES = sorted((config_dir() / "experiment").glob("*.yaml"))
@@ -93,7 +94,9 @@ def test_pretrain_experiment_composes_and_instantiates(make_cfg, experiment, req
     OmegaConf.to_container(job_config(cfg), resolve=True)
     assert cfg.trainer.max_steps == cfg.max_steps and cfg.callbacks.ema.decay == cfg.ema_decay
     model = hydra.utils.instantiate(cfg.model)
-    assert model.unet.config.sample_size * model.packing == cfg.data.image_size
+    pipe = model.to_pipeline()  # a UNet (shapes_t2i) or a transformer (shapes_dit) on packed pixels
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    assert denoiser.config.sample_size * image_to_latent_factor(pipe) == cfg.data.image_size
     assert hydra.utils.instantiate(cfg.data).hparams.batch_size == cfg.data.batch_size
 
 

@@ -112,12 +112,13 @@ class UNetFamily:
 class SD3Family(UNetFamily):
     """SD3 / SD3.5: the class prompt as an extra token stream through the joint blocks.
 
-    The class prompt is encoded by the pipeline's three text encoders; a class name's tokens are
-    its CLIP positions (0..76) and its T5 positions (77 + offset), found by each tokenizer's offsets.
+    The class prompt is encoded by the pipeline's text encoders; a class name's tokens are its CLIP
+    positions (0..76) and, when the pipeline has T5 (SD3 runs without it too), its T5 positions
+    (77 + offset), found by each tokenizer's offsets.
     """
 
     name = "sd3"
-    components = ("transformer", "tokenizer", "text_encoder", "tokenizer_3", "text_encoder_3")
+    components = ("transformer", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")  # T5 is optional
     recorder_class = JointRecorder
 
     def __init__(self, pipe, labels: LabelSettings, max_sequence_length: int | None = None) -> None:
@@ -178,7 +179,9 @@ class SD3Family(UNetFamily):
 
     def image_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> the transformer's latents: the VAE's mean, shifted and scaled as the pipeline
-        undoes them before decoding."""
+        undoes them before decoding; packed pixels for a pipeline without a VAE."""
+        if is_pixel_space(self.pipe):
+            return pack(pixels, image_to_latent_factor(self.pipe)).float()
         vae = self.pipe.vae
         latent = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
         return ((latent - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).float()  # mixed in fp32

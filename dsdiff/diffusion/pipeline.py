@@ -56,14 +56,16 @@ def set_scheduler(pipe, name: str | None) -> None:
 
 
 def is_pixel_space(pipe) -> bool:
-    """True for a pipeline without a VAE: its UNet denoises (packed) pixels, see :mod:`dsdiff.diffusion.pixels`."""
+    """True for a pipeline without a VAE: its UNet (or transformer) denoises (packed) pixels, see
+    :mod:`dsdiff.diffusion.pixels`."""
     return getattr(pipe, "vae", None) is None
 
 
 def image_to_latent_factor(pipe) -> int:
-    """How many image pixels one UNet input position covers: the VAE's factor, or the pixel packing factor."""
+    """How many image pixels one denoiser input position covers: the VAE's factor, or the pixel packing factor."""
     if is_pixel_space(pipe):
-        return packing_factor(pipe.unet.config.in_channels)
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        return packing_factor(denoiser.config.in_channels)
     return getattr(pipe, "vae_scale_factor", 1)
 
 

@@ -36,19 +36,23 @@ class TextToImage(L.LightningModule):
         if getattr(pipeline, "vae", None) is not None:
             raise ValueError("TextToImage trains pixel-space pipelines: build the pipeline with vae=None")
         self.save_hyperparameters(ignore=["pipeline", "optimizer"], logger=False)
+        self.optimizer_factory = optimizer
+        self.attach(pipeline)
+        self.train_seconds = 0.0  # wall time spent in training steps, kept across resumes
+        self._step_started: float | None = None
+
+    def attach(self, pipeline) -> None:
+        """Take the pipeline's networks as this module's (their attribute names are the checkpoint's keys)."""
         self.unet = pipeline.unet
         self.text_encoder = pipeline.text_encoder
         self.tokenizer = pipeline.tokenizer
         self.scheduler = pipeline.scheduler
-        self.optimizer_factory = optimizer
         self.packing = packing_factor(self.unet.config.in_channels)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
         # diffusers' from_pretrained (a warm start such as contextual_from) leaves its models in eval mode, and
         # Lightning keeps submodules' modes: without this, dropout in a config would silently stay off
         self.unet.train()
         self.text_encoder.train()
-        self.train_seconds = 0.0  # wall time spent in training steps, kept across resumes
-        self._step_started: float | None = None
 
     def forward(self, packed: torch.Tensor, timesteps: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Predicted v for noisy packed images (B, 3 r^2, h, w) at ``timesteps`` (B,) given texts."""
