@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-full bench pretrain docs clean clean-runs
+.PHONY: help install demo test test-full bench pretrain pretrain-dit docs clean clean-runs
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -35,6 +35,9 @@ bench: $(STAMP)  ## the benchmarks in experiments/ (write tables to experiments/
 pretrain: $(STAMP)  ## retrain the shipped tiny shapes text-to-image model (bag of words, then contextual) into dsdiff/assets/shapes_t2i (CPU, resumable)
 	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i
 	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_t2i_contextual threads=2 export_dir=dsdiff/assets/shapes_t2i
+
+pretrain-dit: $(STAMP)  ## retrain the shipped tiny shapes diffusion transformer (SD3 layout) into dsdiff/assets/shapes_dit (CPU, resumable)
+	$(BIN)/python -m dsdiff.pretrain +experiment=shapes_dit threads=2 export_dir=dsdiff/assets/shapes_dit
 
 docs: $(STAMP)  ## build the documentation site into site/ (mkdocs --strict)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict

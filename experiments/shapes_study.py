@@ -61,6 +61,9 @@ VARIANTS = {
     "mask2former": (["selftrain.rounds=0", "model=mask2former_small"], "base",
                     "(another segmenter) a small Mask2Former on the same labels, no self-training; compared with no_selftrain "
                     "(paper, R50 on VOC: 60.2 vs DeepLabV3's 61.6)"),
+    "dit": (["selftrain.rounds=0", "generator=shapes_dit"], "dit",
+            "(another generator) labels from the tiny diffusion transformer (generator=shapes_dit, SD3 layout) for the "
+            "same captions and seeds, no self-training; compared with no_selftrain (the UNet model's labels)"),
 }
 
 
@@ -274,7 +277,7 @@ def _paired(results: dict[str, dict[int, dict]], name: str, ref: str, key: str =
 
 
 SELFTRAIN = ("full", "selftrain_agree", "selftrain_agree_tta", "selftrain_teacher")  # one round each; compared with no_selftrain
-SEGMENTERS = ("mask2former",)  # another segmenter on the first stage's labels; compared with no_selftrain
+SEGMENTERS = ("mask2former", "dit")  # another segmenter, or another generator's labels; compared with no_selftrain
 
 
 def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | None = None) -> str:
@@ -325,10 +328,11 @@ def table(results: dict[str, dict[int, dict]], args, scores: dict[str, dict] | N
               + [(n, n, "test/mIoU_tta", "test/mIoU") for n in ("full", "real")])
     paired = [p for p in paired if results.get(p[0]) and results.get(p[1])]
     if paired:
-        rows += ["", "### Self-training against none, another segmenter, and TTA against none", "",
+        rows += ["", "### Self-training against none, another segmenter or generator, and TTA against none", "",
                  "Paired over seeds as above: one self-training round against `no_selftrain` (the same first stage: same "
                  "seed, same labels), plain and with TTA on both sides; a Mask2Former trained on the same labels with the "
-                 "same seed and steps against `no_selftrain`'s DeepLabV3+; and each run's TTA test mIoU against its own "
+                 "same seed and steps against `no_selftrain`'s DeepLabV3+; DeepLabV3+ on the diffusion "
+                 "transformer's labels (`dit`) against the same on the UNet model's; and each run's TTA test mIoU against its own "
                  "plain test mIoU.", "",
                  "| comparison | seeds | difference [95% CI] | verdict |", "| --- | ---: | ---: | --- |"]
         for name, ref, key, ref_key in paired:

@@ -9,7 +9,7 @@ stream (docs/mmdit.md):
 - text encoders: two ``CLIPTextModelWithProjection`` with one causal layer and zero, frozen position
   embeddings. SD3 reads the penultimate hidden state, here the word embeddings: a class word's key is
   the same in the caption and in the class prompt; the pooled vector (end token after the layer) carries
-  the whole caption into every block's modulation;
+  the whole caption, but it is switched off by default (``pooled=False``, see :func:`build_dit_pipeline`);
 - transformer: ``SD3Transformer2DModel`` on RGB pixels (``in_channels=3``), patch 2: a 32 px image is a
   16x16 token grid; adaLN modulations start at zero (DiT's adaLN-Zero: every block starts as the identity);
 - scheduler: ``FlowMatchEulerDiscreteScheduler`` (shift 1: 256 tokens), the flow-matching objective of SD3
@@ -50,9 +50,16 @@ def build_dit_pipeline(
     heads: int = 4,
     head_dim: int = 16,
     text_dim: int = 64,
+    pooled: bool = False,
     seed: int = 0,
 ):
-    """A random-weight pixel-space ``StableDiffusion3Pipeline`` (``vae=None``, no T5)."""
+    """A random-weight pixel-space ``StableDiffusion3Pipeline`` (``vae=None``, no T5).
+
+    ``pooled=False`` switches SD3's pooled text vector off (its projection into the time embedding zero and
+    frozen): the text then reaches the image only through the joint attention, where the maps are read. With
+    it on, this world's captions ("a ball and a leaf") are fully told by the pooled vector, and the shapes' own
+    look tells which is which, so nothing makes the attention to a class word land on its object.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     if image_size % patch_size:
@@ -70,6 +77,12 @@ def build_dit_pipeline(
             if type(module).__name__ in ("AdaLayerNormZero", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX"):
                 module.linear.weight.zero_()
                 module.linear.bias.zero_()
+    if not pooled:
+        projection = transformer.time_text_embed.text_embedder
+        with torch.no_grad():
+            projection.linear_2.weight.zero_()
+            projection.linear_2.bias.zero_()
+        projection.requires_grad_(False)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=None,
         text_encoder=build_clip(tokenizer, text_dim, seed), tokenizer=tokenizer,

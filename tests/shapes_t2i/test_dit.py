@@ -40,6 +40,8 @@ def test_a_fresh_model_starts_every_block_as_the_identity():
     hidden, context, temb = torch.randn(1, 256, 16), torch.randn(1, 32, 16), torch.randn(1, 16)
     context_out, hidden_out = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
     assert torch.equal(hidden_out, hidden) and torch.equal(context_out, context)  # adaLN-Zero: gates start at 0
+    pooled = pipe.transformer.time_text_embed.text_embedder  # pooled=False: the text enters through attention only
+    assert not pooled.linear_2.weight.any() and not any(p.requires_grad for p in pooled.parameters())
 
 
 def test_the_loss_target_is_the_velocity_the_sampler_integrates():
