@@ -145,11 +145,20 @@ class SD3Family(UNetFamily):
                 raise SettingError(f"generator.{key}={side}: {family} image sides are multiples of {factor} "
                                    "(the VAE's factor times the patch size)")
         grid = (height // factor, width // factor)
-        for key in ("cross_res", "self_res"):
-            if getattr(self.labels, key) != grid[0]:
-                raise SettingError(
-                    f"{SETTING}.{key}={getattr(self.labels, key)}: {family}'s maps are at its image-token "
-                    f"grid, {grid[0]}x{grid[1]} for {height}x{width} images: set {SETTING}.{key}={grid[0]}")
+        if self.labels.cross_res != grid[0]:
+            raise SettingError(
+                f"{SETTING}.cross_res={self.labels.cross_res}: {family}'s maps are at its image-token grid, "
+                f"{grid[0]}x{grid[1]} for {height}x{width} images: set {SETTING}.cross_res={grid[0]}")
+        pools = [p for p in range(1, grid[0] + 1) if grid[0] % p == 0 and grid[1] % p == 0]
+        if self.labels.self_res not in [grid[0] // p for p in pools]:
+            raise SettingError(
+                f"{SETTING}.self_res={self.labels.self_res}: {family}'s self maps are at its image-token grid, "
+                f"{grid[0]}x{grid[1]} for {height}x{width} images, or pooled to a grid that divides it: set "
+                f"{SETTING}.self_res to one of {[grid[0] // p for p in pools]}")
+
+    def token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        patch = self.denoiser.config.patch_size
+        return latent_hw[0] // patch, latent_hw[1] // patch
 
     def check_class_names(self, class_names: Sequence[str]) -> None:
         for name in class_names[1:]:
@@ -194,15 +203,17 @@ class SD3Family(UNetFamily):
 
     def install(self, store: AttentionStore, latent_hw: tuple[int, int]) -> None:
         """Install the class-stream recorder once (any size: the maps take the grid they are given), again
-        when someone replaced the processors."""
+        when someone replaced the processors; tell it how much to pool the self maps at this size."""
         first = self.denoiser.transformer_blocks[0].attn
-        if self.recorder is not None and first.processor is self._first:
-            return
-        if self.recorder is not None:
-            self.recorder.remove()
-        self.recorder = self.recorder_class(self.denoiser, store, self.blocks, self.self_blocks,
-                                            maps=self.labels.maps).install()
-        self._first = first.processor
+        if self.recorder is None or first.processor is not self._first:
+            if self.recorder is not None:
+                self.recorder.remove()
+            self.recorder = self.recorder_class(self.denoiser, store, self.blocks, self.self_blocks,
+                                                maps=self.labels.maps).install()
+            self._first = first.processor
+        grid = self.token_grid(latent_hw)
+        pool = grid[0] // self.labels.self_res
+        self.recorder.stream.self_pool = None if pool == 1 else (pool, grid[1])
 
 
 class FluxFamily(SD3Family):
@@ -222,6 +233,9 @@ class FluxFamily(SD3Family):
 
     def spans(self, words: Sequence[str]) -> tuple[str, list[list[int]]]:
         return class_token_spans(self.pipe.tokenizer_2, words)
+
+    def token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        return latent_hw[0] // 2, latent_hw[1] // 2  # FLUX packs 2x2 latent patches into a token
 
     def condition(self, texts: Sequence[str], device) -> dict:
         embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=device,

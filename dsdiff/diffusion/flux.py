@@ -16,7 +16,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from dsdiff.diffusion.mmdit import JointRecorder, _row_chunked_probs
+from dsdiff.diffusion.mmdit import JointRecorder, _row_chunked_probs, _self_probs
 
 
 class RecordingFluxAttnProcessor:
@@ -78,7 +78,7 @@ class RecordingFluxAttnProcessor:
             raise RuntimeError(f"block {self.name}: batch {q_img.shape[0]} is neither B={b} nor 2B")
         q_img, k_img, v_img = (t[-b:].transpose(1, 2) for t in (q_img, k_img, v_img))  # (B, H, N, d)
         if "self" in self.record:
-            self.store.add("self", _row_chunked_probs(q_img, k_img, attn.head_dim**-0.5))
+            self.store.add("self", _self_probs(q_img, k_img, attn.head_dim**-0.5, self.stream.self_pool))
         if self.stream.pending is None:
             return
         normed = self.stream.pending["normed"].to(q_img.dtype)

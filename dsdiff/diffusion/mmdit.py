@@ -40,6 +40,26 @@ def _row_chunked_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> 
     return torch.cat([torch.softmax((q.float() * scale) @ k, dim=-1).mean(1) for q in query.split(rows, dim=2)], dim=1)
 
 
+def _self_probs(query: torch.Tensor, key: torch.Tensor, scale: float, pool: tuple[int, int] | None) -> torch.Tensor:
+    """Image-token self-attention (B, N, N), or with ``pool = (p, w)`` (``w`` the token grid's width) pooled to
+    the grid p times coarser, (B, N / p^2, N / p^2): keys summed over p x p cells (rows stay stochastic),
+    queries averaged over them, computed in bands of p token rows so the full N x N never exists."""
+    if pool is None:
+        return _row_chunked_probs(query, key, scale)
+    p, w = pool
+    b, h, n, _ = query.shape
+    band = p * w
+    rows = max(band, CHUNK_BYTES // max(b * h * n * 4, 1) // band * band)
+    k = key.float().transpose(-1, -2)
+    out = []
+    for q in query.split(rows, dim=2):
+        probs = torch.softmax((q.float() * scale) @ k, dim=-1).mean(1)  # (B, r, N)
+        r = probs.shape[1]
+        probs = probs.reshape(b, r, n // w // p, p, w // p, p).sum((3, 5)).flatten(2)  # keys: (B, r, M)
+        out.append(probs.reshape(b, r // band, p, w // p, p, -1).mean((2, 4)).flatten(1, 2))  # queries: (B, r / p^2, M)
+    return torch.cat(out, dim=1)
+
+
 def check_blocks(blocks: Sequence[int], n_blocks: int, name: str = "blocks") -> list[int]:
     """Sorted unique block indices, refused (naming the setting) when empty or out of range."""
     try:
@@ -62,6 +82,7 @@ class _ClassStream:
         self.pending: dict | None = None  # the current block's normed class tokens and gates
         self.embedded: tuple[int, torch.dtype, torch.Tensor] | None = None  # (store.version, dtype, tokens)
         self.text_len = 0  # the prompt's tokens ahead of the image's in a single-stream (FLUX) block
+        self.self_pool: tuple[int, int] | None = None  # (p, grid width): self maps pooled p times (self_res < grid)
 
 
 class RecordingJointAttnProcessor:
@@ -124,7 +145,7 @@ class RecordingJointAttnProcessor:
             raise RuntimeError(f"block {self.name}: batch {query.shape[0]} is neither B={b} nor 2B (guidance)")
         q_img, k_img, v_img = query[-b:], key[-b:], value[-b:]  # with guidance the batch is [uncond, cond]
         if "self" in self.record:
-            self.store.add("self", _row_chunked_probs(q_img, k_img, attn.scale))
+            self.store.add("self", _self_probs(q_img, k_img, attn.scale, self.stream.self_pool))
         if self.stream.pending is None:  # no class prompt (or past the last cross block)
             return
         normed = self.stream.pending["normed"].to(query.dtype)

@@ -259,3 +259,24 @@ def test_real_images_are_noised_as_the_flow_matching_scheduler_does_and_labelled
     assert any(not np.array_equal(x.class_maps, z.class_maps) for x, z in zip(a, c))
     assert a[1].class_ids == [7, 12] and a[1].label.shape == (64, 64)
     assert set(np.unique(a[1].label)) <= {0, 7, 12, 255}
+
+
+def test_self_maps_pooled_below_the_token_grid_equal_the_pooled_full_maps(pipe, monkeypatch):
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+
+    q, k = torch.randn(2, 3, 8 * 6, 4), torch.randn(2, 3, 8 * 6, 4)  # an 8x6 token grid, 3 heads
+    full = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1).mean(1)  # (B, 48, 48)
+    grid = full.view(2, 4, 2, 3, 2, 4, 2, 3, 2)  # (B, qy, py, qx, px, ky, py', kx, px')
+    expected = grid.sum((6, 8)).mean((2, 4)).reshape(2, 12, 12)
+    monkeypatch.setattr(mmdit, "CHUNK_BYTES", 1)  # one band of 2 token rows per chunk
+    pooled = mmdit._self_probs(q, k, 0.5, (2, 6))
+    assert torch.allclose(pooled, expected, atol=1e-6) and torch.allclose(pooled.sum(-1), torch.ones(2, 12))
+    assert torch.equal(mmdit._self_probs(q, k, 0.5, None), mmdit._row_chunked_probs(q, k, 0.5))
+
+    gen = SyntheticGenerator(pipe, VOC_CLASSES, num_inference_steps=2, cross_res=4, self_res=2, tau=1,
+                             max_sequence_length=T5_LENGTH)
+    sample = gen(["a cat on the grass"], seeds=[0], return_attention=True)[0]
+    assert sample.attention["self"].shape == (4, 4) and sample.label.shape == (64, 64)
+    with pytest.raises(SettingError, match=r"generator\.labels\.self_res=3: .*one of \[4, 2, 1\]"):
+        SyntheticGenerator(pipe, VOC_CLASSES, cross_res=4, self_res=3)
