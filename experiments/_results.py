@@ -45,3 +45,20 @@ def run_folder(script: str, write_results: bool, work_dir: Path | None = None) -
         folder = Path("outputs") / "experiments" / script / time.strftime("%Y-%m-%d_%H-%M-%S")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+QUALITY_COLUMNS = ("pointing", "right_object", "right_object_n", "mIoU", "uncertain")
+
+
+def fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def quality_table(rows) -> list[str]:
+    """Markdown rows for attention-quality summaries: ``rows`` of (images, setting, summary)."""
+    lines = ["| images | setting | " + " | ".join(QUALITY_COLUMNS) + " | drawn | extra |",
+             "|---|---|" + "---|" * (len(QUALITY_COLUMNS) + 2)]
+    for kind, setting, s in rows:
+        cells = [fmt(s[c]) for c in QUALITY_COLUMNS] + [fmt(s.get("drawn", "")), fmt(s.get("extra", ""))]
+        lines.append(f"| {kind} | {setting} | " + " | ".join(cells) + " |")
+    return lines

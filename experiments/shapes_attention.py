@@ -43,15 +43,10 @@ from dsdiff.shapes_t2i.assets import SHAPES_T2I  # noqa: E402
 from dsdiff.shapes_t2i.scoring import score_generated, score_real, world_records  # noqa: E402
 from dsdiff.viz.samples import save_sample_grid  # noqa: E402
 
-from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
+from _results import QUALITY_COLUMNS as COLUMNS, add_write_results, fmt, quality_table, run_folder, write_section  # noqa: E402  (experiments/_results.py)
 
 RESULTS, SAMPLER_RESULTS, GRID = "shapes.md", "bench_generation.md", "shapes_attention_samples.png"  # in the run's folder
 log = logging.getLogger("dsdiff")
-COLUMNS = ("pointing", "right_object", "right_object_n", "mIoU", "uncertain")
-
-
-def fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def sampler_study(args, world) -> None:
@@ -198,12 +193,8 @@ def main() -> None:
         "(>= 8 px); extra: images showing an unprompted class colour.",
         "Targets: right-object >= 0.9, pointing >= 0.8, pseudo-mask mIoU >= 0.6.",
         "",
-        "| images | setting | " + " | ".join(COLUMNS) + " | drawn | extra |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 2),
+        *quality_table(rows),
     ]
-    for kind, setting, s in rows:
-        cells = [fmt(s[c]) for c in COLUMNS] + [fmt(s.get("drawn", "")), fmt(s.get("extra", ""))]
-        lines.append(f"| {kind} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", f"Sample grid `{Path(args.grid).name}` (image | class maps | label): 3 real rows for "
               "cross 8, self 16 with tau 4 then tau 0, then the same for generated images (last guidance)."]
     write_section(Path(args.out), "shapes_attention", "\n".join(lines), "The shapes world: measurements")

@@ -34,10 +34,9 @@ from dsdiff.shapes_t2i.assets import SHAPES_DIT, SHAPES_T2I  # noqa: E402
 from dsdiff.shapes_t2i.scoring import score_generated, score_real, world_records  # noqa: E402
 from dsdiff.viz.samples import save_sample_grid  # noqa: E402
 
-from _results import add_write_results, run_folder, write_section  # noqa: E402  (experiments/_results.py)
+from _results import QUALITY_COLUMNS as COLUMNS, add_write_results, fmt, quality_table, run_folder, write_section  # noqa: E402  (experiments/_results.py)
 
 RESULTS, GRID = "shapes.md", "shapes_dit_samples.png"
-COLUMNS = ("pointing", "right_object", "right_object_n", "mIoU", "uncertain")
 CONF = Path(__file__).parents[1] / "conf" / "generator"
 log = logging.getLogger("dsdiff")
 
@@ -59,10 +58,6 @@ def name(kw: dict) -> str:
     blocks = kw.get("blocks")
     text = "blocks " + ("all" if blocks is None else "-".join(map(str, blocks)) if isinstance(blocks, list) else blocks)
     return text + "".join(f", {k} {v}" for k, v in kw.items() if k != "blocks")
-
-
-def fmt(v) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def main() -> None:
@@ -142,12 +137,8 @@ def main() -> None:
         "changes what it names. Maps at the 16x16 token grid; `maps output`: ConceptAttention's output-space maps.",
         "Targets: right-object >= 0.95, pointing >= 0.9, pseudo-mask mIoU >= 0.6.",
         "",
-        "| images | setting | " + " | ".join(COLUMNS) + " | drawn | extra |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 2),
+        *quality_table(rows),
     ]
-    for kind, setting, s in rows:
-        cells = [fmt(s[c]) for c in COLUMNS] + [fmt(s.get("drawn", "")), fmt(s.get("extra", ""))]
-        lines.append(f"| {kind} | {setting} | " + " | ".join(cells) + " |")
     lines += ["", f"Sample grid `{Path(args.grid).name}` (image | class maps | label): 3 real val rows, then 3 "
               "generated rows, at the chosen setting."]
     write_section(Path(args.out), "shapes_dit", "\n".join(lines), "The shapes world: measurements")
