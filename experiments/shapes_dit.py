@@ -3,8 +3,8 @@
 Every setting is scored on real **val-split** images (the tune split: the choice reads nothing of the
 test split) noised at a few timesteps and read with `<caption>; <class words>`, against their true masks:
 pointing, right-object rate and pseudo-mask mIoU, with the shipped UNet model beside it. The best
-setting by val mIoU (among those meeting right-object >= 0.95 and pointing >= 0.9; blocks and map kind
-first, then tau) is then reported once on the test split and on generated images (colour-derived masks):
+setting by val mIoU (among those meeting right-object >= 0.95 and pointing >= 0.9; the cross maps' blocks
+and kind first, then the self maps' blocks and tau) is then reported once on the test split and on generated images (colour-derived masks):
 
     python experiments/shapes_dit.py                                  # the shipped model, minutes on CPU
     python experiments/shapes_dit.py --model logs/shapes_dit/run/pipeline --real 100
@@ -49,15 +49,18 @@ def preset(name: str) -> dict:
 
 
 def variants(n_blocks: int) -> list[dict]:
-    """For both map kinds: every block alone, adjacent pairs, all blocks (at the preset's tau)."""
-    blocks = [[b] for b in range(n_blocks)] + [f"{b}-{b + 1}" for b in range(n_blocks - 1)] + [None]
-    return [dict(blocks=b, maps=m) for m in ("attention", "output") for b in blocks]
+    """For both map kinds: cross maps from every block alone, adjacent pairs and all blocks, the self maps
+    (the refinement's) from all blocks in every case, so each row varies the cross maps only."""
+    every = f"0-{n_blocks - 1}"
+    blocks = [[b] for b in range(n_blocks)] + [f"{b}-{b + 1}" for b in range(n_blocks - 1)] + [every]
+    return [dict(blocks=b, self_blocks=every, maps=m) for m in ("attention", "output") for b in blocks]
 
 
 def name(kw: dict) -> str:
-    blocks = kw.get("blocks")
-    text = "blocks " + ("all" if blocks is None else "-".join(map(str, blocks)) if isinstance(blocks, list) else blocks)
-    return text + "".join(f", {k} {v}" for k, v in kw.items() if k != "blocks")
+    def blocks(value):
+        return "all" if value is None else "-".join(map(str, value)) if isinstance(value, list) else value
+
+    return ", ".join(f"{k} {blocks(v) if k.endswith('blocks') else v}" for k, v in kw.items())
 
 
 def main() -> None:
@@ -91,22 +94,23 @@ def main() -> None:
     rows, scored = [], []
     summary, _ = score_real(generator(SHAPES_T2I, unet), val, indices, timesteps)
     rows.append(("val", "UNet model (generator=shapes)", summary))
-    for kw in variants(n_blocks):
+    def score(kw):
         summary, samples = score_real(generator(args.model, base, **kw), val, indices, timesteps)
         rows.append(("val", name(kw), summary))
         scored.append((kw, summary, samples))
         print(f"val {name(kw)}: " + ", ".join(f"{c} {fmt(summary[c])}" for c in COLUMNS), flush=True)
+
     def best(candidates):
         meets = [s for s in candidates if s[1]["right_object"] >= 0.95 and s[1]["pointing"] >= 0.9] or candidates
         return max(meets, key=lambda s: s[1]["mIoU"])
 
-    chosen = best(scored)
-    for tau in sorted({0, 1, 2, 4} - {base["tau"]}):  # then tau at the best blocks and maps
-        kw = {**chosen[0], "tau": tau}
-        summary, samples = score_real(generator(args.model, base, **kw), val, indices, timesteps)
-        rows.append(("val", name(kw), summary))
-        scored.append((kw, summary, samples))
-        print(f"val {name(kw)}: " + ", ".join(f"{c} {fmt(summary[c])}" for c in COLUMNS), flush=True)
+    for kw in variants(n_blocks):
+        score(kw)
+    chosen = best(scored)[0]  # then, at the best cross maps: the self maps' blocks, and tau
+    more = [{**chosen, "self_blocks": [b]} for b in range(n_blocks)] + [{**chosen, "self_blocks": chosen["blocks"]}]
+    more += [{**chosen, "tau": tau} for tau in sorted({0, 1, 2, 4} - {base["tau"]})]
+    for kw in [kw for k, kw in enumerate(more) if kw not in more[:k] and kw != chosen]:
+        score(kw)
     best_kw, _, best_samples = best(scored)
     summary, _ = score_real(generator(SHAPES_T2I, unet), test, indices, timesteps)
     rows.append(("test", "UNet model (generator=shapes)", summary))
