@@ -2,3 +2,4 @@
 from pathlib import Path
 
 SHAPES_T2I = Path(__file__).resolve().parents[1] / "assets" / "shapes_t2i"
+SHAPES_DIT = Path(__file__).resolve().parents[1] / "assets" / "shapes_dit"

@@ -110,3 +110,15 @@ def test_other_label_settings_get_their_own_results(first, compose_score):
     other = run(compose_score(tmp, *ARGS, "generator.labels.tau=0", run="tau0"))
     assert other["results_dir"] != result["results_dir"] and other["groups_scored_now"] == IMAGES // BATCH
     assert other["labels/mIoU"] != result["labels/mIoU"]
+
+
+def test_the_diffusion_transformer_scores_far_above_chance(tmp_path, compose_score):
+    """generator=shapes_dit (the SD3-layout model) through the same scoring: real images noised by flow matching."""
+    result = run(compose_score(tmp_path, *ARGS, "generator=shapes_dit"))
+    background, shifted = chance_baselines(result)
+    assert result["labels/images"] == IMAGES
+    assert result["labels/mIoU"] > max(background, shifted) + 0.3, (result["labels/mIoU"], background, shifted)
+    assert result["labels/pointing"] >= 0.9 and result["labels/right_object"] >= 0.9  # 200 val images: 1.0 and 1.0
+    saved = json.loads((tmp_path / "run" / "label_scores.json").read_text())
+    labels = saved["settings"]["labels"]
+    assert (labels["blocks"], labels["self_blocks"]) == ([0], [3])  # the preset's choice, measured on val
