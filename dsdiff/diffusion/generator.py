@@ -280,6 +280,8 @@ class SyntheticGenerator:
         factor = image_to_latent_factor(self.pipe)
         if height % factor or width % factor:
             raise ValueError(f"image size {height}x{width} is not a multiple of this pipeline's latent factor {factor}")
+        if (height, width) != (self.height, self.width):  # the constructor checked its own size
+            self.family.check_size(height, width)
         # the window is counted over the UNet calls the sampler makes (PNDM: steps + 1, its PLMS warm-up)
         record_steps = self.labels.record_steps(unet_calls(self.pipe.scheduler, steps))
         requests = self.requests(prompts)

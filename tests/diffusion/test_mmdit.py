@@ -280,3 +280,13 @@ def test_self_maps_pooled_below_the_token_grid_equal_the_pooled_full_maps(pipe, 
     assert sample.attention["self"].shape == (4, 4) and sample.label.shape == (64, 64)
     with pytest.raises(SettingError, match=r"generator\.labels\.self_res=3: .*one of \[4, 2, 1\]"):
         SyntheticGenerator(pipe, VOC_CLASSES, cross_res=4, self_res=3)
+
+
+def test_a_call_at_another_size_is_checked_against_the_label_grids(pipe):
+    from dsdiff.data.classes import VOC_CLASSES
+    from dsdiff.diffusion.generator import SyntheticGenerator
+
+    gen = SyntheticGenerator(pipe, VOC_CLASSES, num_inference_steps=2, cross_res=4, self_res=2,
+                             max_sequence_length=T5_LENGTH)
+    with pytest.raises(SettingError, match=r"generator\.labels\.cross_res=4: .*3x3 for 48x48 images"):
+        gen(["a cat on the grass"], seeds=[0], height=48, width=48)
